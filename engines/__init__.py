@@ -1,0 +1,1 @@
+"""One small interface over inference backends: ONNX Runtime CPU/CUDA, TensorRT. Never imports torch."""

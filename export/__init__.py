@@ -1,0 +1,1 @@
+"""Checkpoint -> bundle: split, ONNX, verification, FP16, TensorRT build (torch, onnx)."""

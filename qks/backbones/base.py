@@ -1,0 +1,58 @@
+"""The `Backbone` protocol: what the QKS head and the exporter need from a frozen encoder pair."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an image becomes the backbone's input; the runtime reproduces it without torch."""
+
+    size: int  # output side in pixels (square)
+    resize_mode: str  # "shortest": shortest side to `size`, then centre crop; "squash": both sides
+    interpolation: str  # "bicubic" | "bilinear"
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@runtime_checkable
+class Backbone(Protocol):
+    """A frozen vision-language pair.
+
+    `image_tokens(pixels) -> [B, N, C]` and `encode_text(token_ids) -> [L, D]`; `projection` is the
+    backbone's own C -> D image projection (or None when it has none), used to initialise the head's.
+    """
+
+    spec: str  # the registry name it was built from
+    token_dim: int  # C
+    embed_dim: int  # D
+    context_length: int  # T, tokens per text
+    preprocess: Preprocess
+
+    def image_tokens(self, pixels: torch.Tensor) -> torch.Tensor: ...
+
+    def encode_text(self, token_ids: torch.Tensor) -> torch.Tensor: ...
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor: ...
+
+    def projection(self) -> torch.Tensor | None: ...
+
+    def text_fingerprint(self) -> str: ...
+
+
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """sha256 over a module's parameters and buffers: identifies the exact weights (cache keys)."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()

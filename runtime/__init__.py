@@ -1,0 +1,1 @@
+"""The torch-free runtime: bundle loading, preprocessing, label banks, scoring, infer, bench."""

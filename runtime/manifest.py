@@ -1,0 +1,111 @@
+"""The bundle manifest: the contract between `qks-export`, this runtime and C++ readers.
+
+`manifest.json` (schema_version 1) is a JSON object:
+
+    {
+      "format": "qks-bundle", "schema_version": 1, "created": ISO-8601 UTC,
+      "model": {"backbone": spec, "config": ModelConfig dict, "queries": Nq, "embed_dim": D,
+                "layers": L, "token_dim": C, "seen": [labels], "unseen": [labels]},
+      "preprocess": {"size", "resize_mode", "interpolation", "mean", "std"},     # Preprocess
+      "tokenizer": {"file": "tokenizer.json", "context_length": T, "kind": "clip-bpe" | "wordpiece"},
+      "prompts": {"file": "prompts.txt", "count": n},         # one template a line, `{}` = label
+      "scoring": {"mode": "max" | "topk", "k": int},           # logits -> sigmoid probabilities
+      "graphs": {                                              # name -> graph record
+        "image_encoder" | "image_encoder_fp16" | "label_encoder" | ...: {
+          "file": "image_encoder.onnx", "precision": "fp32" | "fp16" | "int8", "opset": int,
+          "inputs":  [{"name", "dtype", "shape": [int or axis-name]}],
+          "outputs": [{"name", "dtype", "shape": [...]}],
+          "dynamic_axes": {"tensor name": {"0": "batch"}},
+          "verification": {output name: {"max_abs_err", "cosine", ...}, ...}}},
+      "label_banks": {name: {"file": "labels/<name>.npy",      # float32 [L, D], no pickle
+                             "names_file": "labels/<name>.txt", # UTF-8, one label a line
+                             "shape": [L, D], "dtype": "float32", "key": sha256}},
+      "engines": [ {"file": "engines/<...>.plan", "graph": name, ...} ],      # TensorRT plans
+      "files": {relative path: {"sha256": hex, "bytes": int}},  # every file the bundle holds
+      "versions": {"qks": ..., "torch": ..., "open_clip": ..., "onnx": ..., ...}
+    }
+
+Image graph: input "pixels" float32 [batch, 3, H, W] -> output "query_features" float32
+[batch, Nq, D]. Label graph: "token_ids" int64 [batch, T] (+ "attention_mask" int64 [batch, T]
+where the encoder needs one) -> "text_features" float32 [batch, D], unnormalised. A label's
+embedding is the mean of text_features over the label's prompts (`template.format(label)`).
+
+Every path is relative, POSIX-style, inside the bundle: no absolute paths, no `..`, no
+backslashes. Readers refuse anything else, and any schema_version they do not know.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path, PurePosixPath
+
+FORMAT = "qks-bundle"
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class BundleError(Exception):
+    """A bundle that cannot be used as it is; the message says why, in one line."""
+
+
+def check_relpath(path: str) -> str:
+    """A manifest path: relative, POSIX, inside the bundle. Returns it or raises BundleError."""
+    if not isinstance(path, str) or not path:
+        raise BundleError(f"manifest path {path!r} is not a file name")
+    p = PurePosixPath(path)
+    if "\\" in path or p.is_absolute() or path.startswith("~") or any(part in ("..", ".", "") for part in path.split("/")):
+        raise BundleError(f"manifest path {path!r} must be a plain relative path inside the bundle")
+    return path
+
+
+def resolve(bundle_dir: str | Path, path: str) -> Path:
+    """The file a manifest path names, refusing any that would leave the bundle (symlinks too)."""
+    root = Path(bundle_dir).resolve()
+    full = (root / check_relpath(path)).resolve()
+    if root != full and root not in full.parents:
+        raise BundleError(f"manifest path {path!r} points outside the bundle")
+    return full
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_record(bundle_dir: str | Path, path: str) -> dict:
+    full = resolve(bundle_dir, path)
+    return {"sha256": sha256_file(full), "bytes": full.stat().st_size}
+
+
+def write_manifest(bundle_dir: str | Path, manifest: dict) -> Path:
+    """Write manifest.json atomically (temp file + rename): a reader never sees half a manifest."""
+    out = Path(bundle_dir) / MANIFEST
+    tmp = out.with_name(MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, out)
+    return out
+
+
+def read_manifest(bundle_dir: str | Path) -> dict:
+    """Parse and check the manifest's format, schema version and every path in `files`."""
+    path = Path(bundle_dir) / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"{bundle_dir}: not a qks bundle (no {MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{path}: manifest is not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BundleError(f"{path}: not a qks bundle manifest")
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise BundleError(f"{path}: bundle schema version {version!r} is not supported "
+                          f"(this qks reads version {SCHEMA_VERSION}); re-export it with this qks")
+    for rel in manifest.get("files", {}):
+        check_relpath(rel)
+    return manifest

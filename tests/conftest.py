@@ -1,0 +1,29 @@
+"""Shared fixtures: tiny random-initialised open_clip models, no downloads, everything seeded."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a pretrained tag fails in seconds, never downloads
+
+DATA = Path(__file__).parent / "data"
+TINY_CONFIG = DATA / "qks-tiny-vit.json"
+TINY_SPEC = f"openclip:{TINY_CONFIG}:none"
+
+
+def tiny_model_config(**head):
+    from qks.config import HeadConfig, ModelConfig
+
+    defaults = dict(layers=2, queries=4, width=None, heads=4, ffn=96, dropout=0.1)
+    defaults.update(head)
+    return ModelConfig(backbone=TINY_SPEC, head=HeadConfig(**defaults))
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone():
+    from qks.backbones import create_backbone
+
+    return create_backbone(TINY_SPEC)

@@ -1,0 +1,137 @@
+"""The QKS model on a tiny random-initialised open_clip ViT (no downloads)."""
+
+from __future__ import annotations
+
+import json
+
+import open_clip
+import pytest
+import torch
+from conftest import TINY_SPEC, tiny_model_config
+
+from qks.backbones import create_backbone
+from qks.config import RECIPES, HeadConfig, ModelConfig
+from qks.head import QueryHead
+from qks.model import QKSModel
+from qks.prompts import LabelEmbedder, load_prompts
+from qks.scoring import score
+
+
+def test_image_tokens_pool_to_open_clip_encode_image(tiny_backbone):
+    torch.manual_seed(0)
+    pixels = torch.randn(3, 3, 32, 32)
+    tokens = tiny_backbone.image_tokens(pixels)
+    assert tokens.shape == (3, 1 + (32 // 8) ** 2, 64)  # CLS + 4x4 patches, width 64
+    pooled = tokens[:, 0] @ tiny_backbone.projection()
+    reference = tiny_backbone.model.encode_image(pixels, normalize=False)
+    torch.testing.assert_close(pooled, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_random_init_is_the_same_model_every_time(tiny_backbone):
+    again = create_backbone(TINY_SPEC)
+    assert again.text_fingerprint() == tiny_backbone.text_fingerprint()
+    torch.testing.assert_close(again.projection(), tiny_backbone.projection())
+
+
+def test_drop_cls_option(tiny_backbone):
+    model = QKSModel(ModelConfig.from_dict({**tiny_model_config().to_dict(), "drop_cls": True}), tiny_backbone)
+    tokens = model.image_tokens(torch.randn(2, 3, 32, 32))
+    assert tokens.shape[1] == 16
+
+
+def test_label_embedding_is_mean_of_encode_text_over_pool(tiny_backbone):
+    templates = load_prompts()
+    assert len(templates) == 85 and all(t.count("{}") == 1 for t in templates)
+    emb = LabelEmbedder(tiny_backbone, templates)(["dog", "traffic light"])
+    assert emb.shape == (2, tiny_backbone.embed_dim)
+    tok = open_clip.get_tokenizer("qks-tiny-vit")  # registered by the backbone from the JSON
+    with torch.no_grad():
+        for i, label in enumerate(["dog", "traffic light"]):
+            feats = tiny_backbone.model.encode_text(tok([t.format(label) for t in templates]), normalize=False)
+            torch.testing.assert_close(emb[i], feats.mean(0), rtol=1e-5, atol=1e-6)
+    # The mean is unnormalised: its norm is not 1.
+    assert not torch.allclose(emb.norm(dim=-1), torch.ones(2), atol=1e-3)
+
+
+def test_label_embedding_cache_on_disk(tiny_backbone, tmp_path):
+    templates = ["a photo of a {}."]
+    first = LabelEmbedder(tiny_backbone, templates, cache_dir=tmp_path)(["cat"])
+    assert len(list(tmp_path.glob("*.npy"))) == 1
+    second = LabelEmbedder(tiny_backbone, templates, cache_dir=tmp_path)
+    second._compute = lambda label: pytest.fail("cached label was recomputed")
+    torch.testing.assert_close(second(["cat"]), first)
+    # Another pool is another key.
+    LabelEmbedder(tiny_backbone, ["a {}."], cache_dir=tmp_path)(["cat"])
+    assert len(list(tmp_path.glob("*.npy"))) == 2
+
+
+def test_bad_prompt_pool(tmp_path):
+    pool = tmp_path / "pool.txt"
+    pool.write_text("a photo of a thing.\n")
+    with pytest.raises(ValueError, match="exactly one"):
+        load_prompts(str(pool))
+
+
+def test_scoring_equals_brute_force():
+    torch.manual_seed(1)
+    qf, emb = torch.randn(3, 5, 8), torch.randn(7, 8)
+    got_max, got_top2 = score(qf, emb, "max"), score(qf, emb, "topk", k=2)
+    for b in range(3):
+        for lab in range(7):
+            dots = sorted((float(qf[b, q] @ emb[lab]) for q in range(5)), reverse=True)
+            assert got_max[b, lab].item() == pytest.approx(dots[0], abs=1e-5)
+            assert got_top2[b, lab].item() == pytest.approx(dots[0] + dots[1], abs=1e-5)
+    with pytest.raises(ValueError):
+        score(qf, emb, "mean")
+
+
+def test_head_shapes_recipes_and_no_unused_parameters(tiny_backbone):
+    assert (RECIPES["nuswide"].layers, RECIPES["nuswide"].queries) == (7, 12)
+    assert (RECIPES["openimages"].layers, RECIPES["openimages"].queries) == (8, 22)
+    model = QKSModel(tiny_model_config(), tiny_backbone)
+    qf = model.query_features(torch.randn(2, 3, 32, 32))
+    assert qf.shape == (2, 4, 32)
+    qf.sum().backward()
+    unused = [n for n, p in model.head.named_parameters() if p.grad is None]
+    assert unused == []
+    # The projection starts as the backbone's own visual projection.
+    torch.testing.assert_close(QKSModel(tiny_model_config(), tiny_backbone).head.projection.detach(),
+                               tiny_backbone.projection())
+
+
+def test_head_with_other_width_adapts_tokens():
+    head = QueryHead(HeadConfig(layers=1, queries=3, width=16, heads=2, ffn=32), token_dim=24, embed_dim=8)
+    out = head(torch.randn(2, 5, 24))
+    assert out.shape == (2, 3, 8)
+    out.sum().backward()
+    assert all(p.grad is not None for p in head.parameters())
+
+
+def test_only_head_gets_gradients_and_backbone_stays_eval(tiny_backbone):
+    model = QKSModel(tiny_model_config(), tiny_backbone)
+    model.train()
+    assert model.head.training and not model.backbone.training
+    assert not any(m.training for m in model.backbone.modules())
+    emb = torch.randn(5, 32)
+    logits = model(torch.randn(2, 3, 32, 32), emb)
+    torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.ones_like(logits)).backward()
+    assert all(p.grad is None for p in model.backbone.parameters())
+    assert all(not p.requires_grad for p in model.backbone.parameters())
+    assert all(p.grad is not None for p in model.head.parameters())
+
+
+def test_config_round_trips_through_json():
+    cfg = ModelConfig(backbone=TINY_SPEC, head=HeadConfig(layers=3, queries=5, width=64, heads=4),
+                      scoring="topk", scoring_k=2)
+    again = ModelConfig.from_json(cfg.to_json())
+    assert again == cfg
+    assert json.loads(cfg.to_json())["head"]["queries"] == 5
+
+
+def test_unknown_backbone_and_arch():
+    with pytest.raises(ValueError, match="unknown backbone"):
+        create_backbone("nosuch:thing")
+    with pytest.raises(ValueError, match="unknown open_clip architecture"):
+        create_backbone("openclip:NoSuchArch:none")
+    with pytest.raises(FileNotFoundError):
+        create_backbone("openclip:/does/not/exist.json:none")
