@@ -27,3 +27,19 @@ def tiny_backbone():
     from qks.backbones import create_backbone
 
     return create_backbone(TINY_SPEC)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_backbone, tmp_path_factory):
+    """An untrained tiny checkpoint (seeded head) with a few seen and unseen labels."""
+    import torch
+
+    from qks.checkpoint import save_checkpoint
+    from qks.model import QKSModel
+
+    torch.manual_seed(0)
+    model = QKSModel(tiny_model_config(), tiny_backbone)
+    path = tmp_path_factory.mktemp("ckpt") / "best.pt"
+    prompts = ["a photo of a {}.", "there is a {} in the scene."]
+    return save_checkpoint(path, model, seen=["cat", "dog", "car"], unseen=["bird", "traffic light"],
+                           prompts=prompts)
