@@ -19,7 +19,7 @@
           "verification": {output name: {"max_abs_err", "cosine", ...}, ...}}},
       "label_banks": {name: {"file": "labels/<name>.npy",      # float32 [L, D], no pickle
                              "names_file": "labels/<name>.txt", # UTF-8, one label a line
-                             "shape": [L, D], "dtype": "float32", "key": sha256}},
+                             "shape": [L, D], "dtype": "float32", "key": bank_key(...)}},
       "engines": [ {"file": "engines/<...>.plan", "graph": name, ...} ],      # TensorRT plans
       "files": {relative path: {"sha256": hex, "bytes": int}},  # every file the bundle holds
       "versions": {"qks": ..., "torch": ..., "open_clip": ..., "onnx": ..., ...}
@@ -80,6 +80,15 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 def file_record(bundle_dir: str | Path, path: str) -> dict:
     full = resolve(bundle_dir, path)
     return {"sha256": sha256_file(full), "bytes": full.stat().st_size}
+
+
+def bank_key(label_encoder_sha256: str, prompts_sha256: str, names: list[str]) -> str:
+    """Identity of a label bank: the label encoder graph, the prompt pool and the label list."""
+    h = hashlib.sha256()
+    for part in (label_encoder_sha256, prompts_sha256, *names):
+        h.update(part.encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()
 
 
 def write_manifest(bundle_dir: str | Path, manifest: dict) -> Path:

@@ -47,6 +47,11 @@ class Backbone(Protocol):
 
     def text_fingerprint(self) -> str: ...
 
+    def tokenizer_json(self) -> str:
+        """The tokenizer as Hugging Face `tokenizers` JSON, with truncation and padding set so that
+        `Tokenizer.from_str(s).encode_batch(texts)` gives exactly `tokenize(texts)` (ids [N, T])."""
+        ...
+
 
 def module_fingerprint(module: torch.nn.Module) -> str:
     """sha256 over a module's parameters and buffers: identifies the exact weights (cache keys)."""
