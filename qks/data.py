@@ -1,0 +1,240 @@
+"""Datasets: a JSONL manifest of images and their labels, plus `seen.txt` / `unseen.txt`.
+
+Manifest format: one JSON object a line (blank lines are skipped):
+
+    {"image": "images/0001.jpg", "labels": ["dog", "grass"], "negatives": ["cat"],
+     "unknown": ["leash"], "unlisted": "negative"}
+
+- `image` (required): a path. A relative path is resolved against the manifest's own folder and
+  must stay inside it (`../` that climbs out is refused); an absolute path is used as written.
+- `labels`: the positives (+1). `negatives`: verified absent (-1). `unknown`: not annotated (0).
+  Each is an optional list of label names; a label may appear in only one of them.
+- `unlisted`: what every label of the label lists that the line does not mention is:
+  `"negative"` (the default: a fully annotated image, as in NUS-WIDE and most multi-label sets) or
+  `"unknown"` (a partially annotated image, as in Open Images, where only verified labels count).
+- Any other key is kept out of the targets and ignored (ids, sources, ...).
+
+Label lists: one label a line, blank lines skipped; `seen.txt` are the labels trained on,
+`unseen.txt` those held out for zero-shot evaluation; no label in both, none twice.
+
+`read_manifest` validates everything before a run starts: invalid JSON, a missing `image`, labels
+that are in neither list, a label both positive and negative, a path outside the manifest's folder,
+a missing or unreadable image, a duplicate image, an empty manifest. Each problem is one line,
+`<manifest>:<line>: <what>`; by default the first problems stop the run, and with `skip_bad` the bad
+lines are dropped and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+UNLISTED = ("negative", "unknown")
+MAX_REPORTED = 10  # problems listed in one error before "... and N more"
+
+
+class ManifestError(Exception):
+    """A manifest or label list that cannot be used; every line of the message is one problem."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    image: str  # as written in the manifest line (what predictions report)
+    path: str  # resolved file path
+    line: int  # 1-based line in the manifest
+    positives: tuple[str, ...] = ()
+    negatives: tuple[str, ...] = ()
+    unknown: tuple[str, ...] = ()
+    unlisted: str = "negative"
+
+    def targets(self, index: dict[str, int]) -> np.ndarray:
+        """[len(index)] int8 in {+1, -1, 0} over the labels of `index`; labels outside it are dropped."""
+        t = np.full(len(index), -1 if self.unlisted == "negative" else 0, dtype=np.int8)
+        for names, value in ((self.negatives, -1), (self.unknown, 0), (self.positives, 1)):
+            for name in names:
+                j = index.get(name)
+                if j is not None:
+                    t[j] = value
+        return t
+
+
+@dataclass
+class Manifest:
+    path: Path
+    samples: list[Sample]
+    skipped: list[str] = field(default_factory=list)  # one message per bad line dropped by skip_bad
+
+    def targets(self, labels: Sequence[str]) -> np.ndarray:
+        """[images, labels] int8 targets."""
+        index = {name: j for j, name in enumerate(labels)}
+        if not self.samples:
+            return np.zeros((0, len(labels)), dtype=np.int8)
+        return np.stack([s.targets(index) for s in self.samples])
+
+
+def read_label_list(path: str | Path, what: str = "label list") -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{what} not found: {path}")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{path}: cannot read {what} ({e})") from None
+    labels, first = [], {}
+    for i, raw in enumerate(lines, 1):
+        name = raw.strip()
+        if not name:
+            continue
+        if name in first:
+            raise ManifestError(f"{path}:{i}: label {name!r} already listed on line {first[name]}")
+        first[name] = i
+        labels.append(name)
+    if not labels:
+        raise ManifestError(f"{path}: {what} is empty")
+    return labels
+
+
+def read_label_lists(seen: str | Path, unseen: str | Path | None) -> tuple[list[str], list[str]]:
+    seen_labels = read_label_list(seen, "seen label list")
+    unseen_labels = read_label_list(unseen, "unseen label list") if unseen else []
+    both = sorted(set(seen_labels) & set(unseen_labels))
+    if both:
+        raise ManifestError(f"{len(both)} label(s) are in both {seen} and {unseen}, e.g. {both[0]!r}")
+    return seen_labels, unseen_labels
+
+
+def _name_list(obj: dict, key: str) -> tuple[str, ...]:
+    v = obj.get(key, [])
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise ValueError(f"{key!r} must be a list of label names")
+    return tuple(v)
+
+
+def _parse_line(text: str, root: str, known: set[str] | None, lineno: int) -> Sample:
+    """One manifest line -> Sample; ValueError with a one-line reason for a bad line."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise ValueError("a line must be a JSON object")
+    image = obj.get("image")
+    if not isinstance(image, str) or not image.strip():
+        raise ValueError("missing \"image\" (a path string)")
+    pos, neg, unk = _name_list(obj, "labels"), _name_list(obj, "negatives"), _name_list(obj, "unknown")
+    unlisted = obj.get("unlisted", "negative")
+    if unlisted not in UNLISTED:
+        raise ValueError(f"\"unlisted\" must be \"negative\" or \"unknown\", not {unlisted!r}")
+    if known is not None:
+        for name in pos + neg + unk:
+            if name not in known:
+                raise ValueError(f"label {name!r} is in neither the seen nor the unseen list")
+    clash = (set(pos) & set(neg)) or (set(pos) & set(unk)) or (set(neg) & set(unk))
+    if clash:
+        raise ValueError(f"label {sorted(clash)[0]!r} is listed twice (labels/negatives/unknown)")
+    if os.path.isabs(image):
+        path = os.path.normpath(image)
+    else:
+        # Lexical check, so that a symlinked image folder inside the root is still accepted.
+        path = os.path.normpath(os.path.join(root, image))
+        if os.path.commonpath([root, path]) != root:
+            raise ValueError(f"image {image!r} points outside the manifest's folder {root}")
+    return Sample(image=image, path=path, line=lineno, positives=pos, negatives=neg, unknown=unk,
+                  unlisted=unlisted)
+
+
+def _image_problem(path: str) -> str | None:
+    if not os.path.isfile(path):
+        return f"image not found: {path}"
+    try:
+        with Image.open(path) as im:  # reads the header only: cheap, catches non-images
+            im.size  # noqa: B018
+    except Exception as e:  # PIL raises several types for broken files
+        return f"image unreadable: {path} ({type(e).__name__})"
+    return None
+
+
+def read_manifest(path: str | Path, labels: Sequence[str] | None = None, skip_bad: bool = False,
+                  check_images: bool = True, workers: int = 8, progress: bool = False) -> Manifest:
+    """Parse and validate a manifest. `labels`: the seen + unseen names every listed label must be in."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"manifest not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{path}: cannot read manifest ({e})") from None
+    root = os.path.normpath(os.path.abspath(path.parent))
+    known = set(labels) if labels is not None else None
+    problems: list[tuple[int, str]] = []
+    samples: list[Sample] = []
+    first_line: dict[str, int] = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            s = _parse_line(line, root, known, lineno)
+        except ValueError as e:
+            problems.append((lineno, str(e)))
+            continue
+        if s.path in first_line:
+            problems.append((lineno, f"duplicate image {s.image!r} (first on line {first_line[s.path]})"))
+            continue
+        first_line[s.path] = lineno
+        samples.append(s)
+    if check_images and samples:
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            found = pool.map(_image_problem, [s.path for s in samples])
+            if progress:
+                from tqdm import tqdm
+
+                found = tqdm(found, total=len(samples), desc="checking images", unit="img", leave=False)
+            found = list(found)
+        bad = {s.line for s, p in zip(samples, found, strict=True) if p}
+        problems += [(s.line, p) for s, p in zip(samples, found, strict=True) if p]
+        samples = [s for s in samples if s.line not in bad]
+    problems.sort()
+    messages = [f"{path}:{n}: {msg}" for n, msg in problems]
+    if messages and not skip_bad:
+        shown = messages[:MAX_REPORTED]
+        more = len(messages) - len(shown)
+        tail = f"\n... and {more} more" if more else ""
+        raise ManifestError("\n".join(shown) + tail +
+                            f"\n{len(messages)} bad line(s) in {path}: fix them, or pass --skip-bad to drop them")
+    if not samples:
+        raise ManifestError(f"{path}: the manifest has no usable images" +
+                            (f" ({len(messages)} bad line(s) skipped)" if messages else ""))
+    return Manifest(path=path, samples=samples, skipped=messages)
+
+
+def load_rgb(path: str) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as e:
+        raise OSError(f"cannot read image {path}: {e}") from None
+
+
+class ManifestDataset(torch.utils.data.Dataset):
+    """(pixels [3, H, W] float, targets [L] int8 in {+1, -1, 0}) over `labels`, in manifest order."""
+
+    def __init__(self, samples: Sequence[Sample], labels: Sequence[str], transform):
+        self.samples = list(samples)
+        self.labels = list(labels)
+        self.index = {name: j for j, name in enumerate(self.labels)}
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.samples[i]
+        return self.transform(load_rgb(s.path)), torch.from_numpy(s.targets(self.index))
