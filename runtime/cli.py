@@ -1,0 +1,138 @@
+"""`qks-infer` and `qks-labels`: torch-free command lines over a bundle.
+
+Errors are one line on stderr (`qks-infer: error: ...`) and a non-zero exit, never a traceback.
+qks-infer exits 0 when every image was tagged, 1 when some images became error records, 2 when the
+run could not start (bad bundle, labels, backend, arguments), 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import click
+
+from ..engines.base import EngineError
+from .backend import BACKENDS, select_backend
+from .bundle import Bundle
+from .infer import InferError, InferOptions, run_folder
+from .labels import LabelBank, LabelError, read_label_file, save_bank
+from .manifest import BundleError
+from .preprocess import PreprocessError
+
+_ERRORS = (BundleError, EngineError, LabelError, InferError, PreprocessError, OSError)
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("qks")
+    except Exception:
+        return "unknown"
+
+
+def _fail(prog: str, msg: str, code: int = 2):
+    click.echo(f"{prog}: error: {msg}", err=True)
+    sys.exit(code)
+
+
+def _one_line_warnings(prog: str):
+    def show(message, category, filename, lineno, file=None, line=None):
+        click.echo(f"{prog}: warning: {message}", err=True)
+
+    warnings.showwarning = show
+
+
+def _bank(bundle: Bundle, labels: str | None, bank: str | None, threads: int | None) -> LabelBank:
+    if labels and bank:
+        raise LabelError("give --labels or --bank, not both")
+    if labels:
+        return LabelBank.for_labels(bundle, read_label_file(labels), threads=threads)
+    return LabelBank.from_bundle(bundle, bank)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("images", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--labels", "labels", type=click.Path(dir_okay=False), help="Label file (UTF-8, one label a line). "
+              "New labels are encoded once and cached. Default: the bundle's default bank.")
+@click.option("--bundle", "bundle_dir", default="./bundle", show_default=True, type=click.Path(path_type=Path),
+              help="Bundle folder written by qks-export.")
+@click.option("--bank", help="Name of a label bank stored in the bundle (qks-labels --name).")
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
+              help="Inference backend; auto picks the fastest that works and says why.")
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--workers", type=click.IntRange(1), help="Decode threads (default: min(4, CPUs)).")
+@click.option("--threads", type=click.IntRange(1), help="ONNX Runtime intra-op threads (default: all cores).")
+@click.option("--top-k", type=click.IntRange(1), help="Keep the k most probable labels per image.")
+@click.option("--threshold", type=click.FloatRange(0, 1), help="Keep labels with probability >= this "
+              "(default 0.5 unless --top-k is given).")
+@click.option("--all-scores", is_flag=True, help='Write every label\'s probability: {"image", "scores"}.')
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), help="Output format (default: csv if "
+              "--out ends in .csv, else jsonl).")
+@click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), help="Output file (default: stdout). "
+              "Run metadata goes to OUT.meta.json.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run: skip images already in --out.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the bundle's files.")
+def _infer(images, labels, bundle_dir, bank, backend, batch_size, workers, threads, top_k, threshold, all_scores,
+           fmt, out, resume, overwrite, no_progress, no_verify):
+    """Tag every image under IMAGES (recursively) with label probabilities."""
+    prog = "qks-infer"
+    _one_line_warnings(prog)
+    if fmt is None:
+        fmt = "csv" if out is not None and out.suffix.lower() == ".csv" else "jsonl"
+    try:
+        bundle = Bundle.load(bundle_dir, verify=not no_verify)
+        label_bank = _bank(bundle, labels, bank, threads)
+        engine, reason = select_backend(bundle, backend, threads=threads)
+        click.echo(f"{prog}: backend {reason}", err=True)
+        meta = {"qks": _version(), "bundle": str(bundle.root), "backend": engine.backend, "backend_reason": reason,
+                "bank": label_bank.source, "bank_key": label_bank.key, "labels": len(label_bank)}
+        opts = InferOptions(batch_size=batch_size, workers=workers, top_k=top_k, threshold=threshold,
+                            all_scores=all_scores, fmt=fmt, resume=resume, overwrite=overwrite,
+                            progress=not no_progress)
+        with engine:
+            summary = run_folder(images, engine, label_bank, bundle.preprocess, out, opts, bundle.scoring, meta)
+    except KeyboardInterrupt:
+        _fail(prog, "interrupted (the output holds every finished batch; continue with --resume)", 130)
+    except _ERRORS as e:
+        _fail(prog, str(e) or type(e).__name__)
+    dest = str(out) if out else "stdout"
+    click.echo(f"{prog}: {summary.written} images tagged ({summary.errors} errors, {summary.skipped} already done) "
+               f"in {summary.seconds:.1f} s, {summary.images_per_s:.1f} images/s -> {dest}", err=True)
+    sys.exit(1 if summary.errors else 0)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--bundle", "bundle_dir", default="./bundle", show_default=True, type=click.Path(path_type=Path))
+@click.option("--labels", "labels", required=True, type=click.Path(dir_okay=False),
+              help="Label file (UTF-8, one label a line).")
+@click.option("--name", required=True, help="Bank name: stored as labels/NAME.npy in the bundle.")
+@click.option("--threads", type=click.IntRange(1), help="ONNX Runtime intra-op threads.")
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True, help="Prompts per run.")
+def _labels(bundle_dir, labels, name, threads, batch_size):
+    """Encode a label list into a label bank stored in the bundle (no re-export needed)."""
+    prog = "qks-labels"
+    _one_line_warnings(prog)
+    try:
+        bundle = Bundle.load(bundle_dir)
+        names = read_label_file(labels)
+        bank = LabelBank.for_labels(bundle, names, threads=threads, batch_size=batch_size)
+        path = save_bank(bundle, name, bank)
+    except KeyboardInterrupt:
+        _fail(prog, "interrupted", 130)
+    except _ERRORS as e:
+        _fail(prog, str(e) or type(e).__name__)
+    n, d = bank.embeddings.shape
+    click.echo(f"{prog}: bank {name!r}: {n} labels x {d} ({bank.source}) -> {path} (key {bank.key[:12]})", err=True)
+
+
+def infer_main(argv: list[str] | None = None) -> None:
+    _infer.main(args=argv, prog_name="qks-infer")
+
+
+def labels_main(argv: list[str] | None = None) -> None:
+    _labels.main(args=argv, prog_name="qks-labels")

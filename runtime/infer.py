@@ -1,0 +1,313 @@
+"""The folder runner behind `qks-infer`: images -> label probabilities, JSONL or CSV.
+
+- Finds images under a folder recursively (by extension, case-insensitive), in sorted order of
+  their POSIX paths relative to the folder. Symlinked folders are followed once (a folder already
+  visited through another path is skipped, so link cycles end); a link to a missing file is listed
+  and becomes an error record.
+- Decodes and preprocesses in worker threads while the engine runs (a bounded window of pending
+  images keeps memory flat), batches, scores, writes. Records keep the input order.
+- JSONL, one record per image:
+    {"image": "a/b.jpg", "labels": {"cat": 0.93, "dog": 0.61}}     # selected labels, most likely first
+    {"image": "a/b.jpg", "scores": {"cat": 0.93, ...}}              # --all-scores: every label
+    {"image": "a/c.jpg", "error": "not a readable image (unidentified format)"}
+  CSV: `image,label,probability,error`, one row per selected label (one row with empty label if
+  none, or with the error); with --all-scores `image,<label 1>,...,<label L>,error`.
+- Non-finite model outputs become error records; they are never written as scores.
+- Output is flushed after every batch, so an interrupted run leaves whole records plus at most a
+  partial last line, which `resume` cuts off before continuing; records already there are skipped.
+- `<out>.meta.json` beside the output records the bundle, the backend and why it was chosen, the
+  label bank, the options and the counts (written at the start, updated at the end).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .preprocess import Preprocess, PreprocessError
+from .scoring import logits as score_logits
+from .scoring import select, sigmoid
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
+                              ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico"})
+META_SUFFIX = ".meta.json"
+
+
+class InferError(RuntimeError):
+    """A run that cannot start or continue; one line."""
+
+
+def find_images(root: str | Path) -> list[str]:
+    """Image files under `root`, as sorted POSIX paths relative to it."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InferError(f"image folder not found: {root}")
+    found, seen_dirs = [], set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        ident = (st.st_dev, st.st_ino)
+        if ident in seen_dirs:  # a link back into a visited folder: do not walk it again
+            dirnames[:] = []
+            continue
+        seen_dirs.add(ident)
+        dirnames.sort()
+        rel_dir = Path(dirpath).relative_to(root)
+        for name in filenames:
+            if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                found.append((rel_dir / name).as_posix())
+    return sorted(found)
+
+
+@dataclass
+class InferOptions:
+    batch_size: int = 16
+    workers: int | None = None  # decode threads (None: min(4, CPUs))
+    top_k: int | None = None
+    threshold: float | None = None  # None with top_k None means 0.5
+    all_scores: bool = False
+    fmt: str = "jsonl"  # "jsonl" | "csv"
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass
+class RunSummary:
+    total: int = 0  # images found
+    skipped: int = 0  # already in the output (--resume)
+    written: int = 0  # records written this run
+    errors: int = 0  # error records written this run
+    seconds: float = 0.0
+    images_per_s: float = 0.0
+    meta: dict = field(default_factory=dict)
+
+
+def _fmt(p: float) -> float:
+    return float(f"{p:.7g}")
+
+
+class _Writer:
+    """Appends records to a file (or stdout) in JSONL or CSV, flushed per batch."""
+
+    def __init__(self, out: Path | None, fmt: str, names: list[str], all_scores: bool, append: bool):
+        self.fmt, self.names, self.all_scores = fmt, names, all_scores
+        self.header = (["image", *names, "error"] if all_scores else ["image", "label", "probability", "error"])
+        if out is None:
+            self.f = sys.stdout
+            self._close = False
+        else:
+            self.f = open(out, "a" if append else "w", encoding="utf-8", newline="")
+            self._close = True
+        if fmt == "csv" and (not append or self.f.tell() == 0):
+            self._csv_rows([self.header])
+
+    def _csv_rows(self, rows):
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerows(rows)
+        self.f.write(buf.getvalue())
+
+    def write(self, records: list[dict]) -> None:
+        if self.fmt == "jsonl":
+            self.f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        else:
+            rows = []
+            for r in records:
+                if "error" in r:
+                    rows.append([r["image"], *([""] * (len(self.header) - 2)), r["error"]])
+                elif self.all_scores:
+                    rows.append([r["image"], *(r["scores"][n] for n in self.names), ""])
+                elif r["labels"]:
+                    rows.extend([r["image"], n, p, ""] for n, p in r["labels"].items())
+                else:
+                    rows.append([r["image"], "", "", ""])
+            self._csv_rows(rows)
+        self.f.flush()
+
+    def close(self) -> None:
+        if self._close:
+            self.f.close()
+
+
+def _repair_tail(path: Path) -> bytes:
+    """Cut a partial last line (an interrupted write) off the file; return the whole lines."""
+    data = path.read_bytes()
+    cut = data.rfind(b"\n") + 1
+    if cut != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(cut)
+        data = data[:cut]
+    return data
+
+
+def done_images(out: Path, fmt: str, header: list[str]) -> set[str]:
+    """Images already recorded in `out` (repairing a partial last line first)."""
+    data = _repair_tail(out)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InferError(f"{out}: not UTF-8; not resuming into it") from None
+    done = set()
+    if fmt == "jsonl":
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                done.add(rec["image"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise InferError(f"{out}: line {i} is not a qks-infer record; not resuming into it") from None
+        return done
+    try:
+        rows = list(csv.reader(io.StringIO(text)))
+    except csv.Error as e:
+        raise InferError(f"{out}: not a valid CSV ({e}); not resuming into it") from None
+    if rows and rows[0] != header:
+        raise InferError(f"{out}: its CSV columns differ from this run's (other labels or --all-scores?); "
+                         "not resuming into it")
+    return {r[0] for r in rows[1:] if r}
+
+
+def _write_meta(path: Path | None, meta: dict) -> None:
+    if path is None:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _decode(root: Path, rel: str, pp: Preprocess):
+    try:
+        return rel, pp.load(root / rel), None
+    except PreprocessError as e:
+        return rel, None, str(e)
+    except Exception as e:  # a decoder bug must not end a long run; it becomes that image's error
+        return rel, None, f"cannot decode image: {type(e).__name__}: {str(e)[:150]}"
+
+
+def run_folder(images: str | Path, engine, bank, preprocess: Preprocess, out: str | Path | None,
+               options: InferOptions | None = None, scoring: tuple[str, int] = ("max", 1),
+               meta: dict | None = None) -> RunSummary:
+    """Tag every image under `images`; see the module docstring for the output."""
+    from tqdm import tqdm
+
+    opts = options or InferOptions()
+    if opts.fmt not in ("jsonl", "csv"):
+        raise InferError(f"unknown output format {opts.fmt!r} (jsonl or csv)")
+    if opts.batch_size < 1:
+        raise InferError("--batch-size must be at least 1")
+    threshold = opts.threshold if (opts.threshold is not None or opts.top_k is not None) else 0.5
+    root = Path(images)
+    out = Path(out) if out is not None and str(out) != "-" else None
+    meta_path = out.with_name(out.name + META_SUFFIX) if out else None
+    all_images = find_images(root)
+    summary = RunSummary(total=len(all_images))
+
+    append = False
+    done: set[str] = set()
+    names = bank.names
+    header_cols = (["image", *names, "error"] if opts.all_scores else ["image", "label", "probability", "error"])
+    if out is not None and out.exists() and out.stat().st_size > 0:
+        if opts.resume:
+            if meta_path.is_file():
+                old = json.loads(meta_path.read_text(encoding="utf-8"))
+                for k in ("format", "all_scores", "bank_key"):
+                    if k in old and meta and k in meta and old[k] != meta[k]:
+                        raise InferError(f"{out}: was written with {k}={old[k]!r}, this run has {meta[k]!r}; "
+                                         "not resuming into it")
+            done = done_images(out, opts.fmt, header_cols)
+            append = True
+        elif not opts.overwrite:
+            raise InferError(f"{out} exists: pass --resume to continue it or --overwrite to replace it")
+    elif opts.resume and out is None:
+        raise InferError("--resume needs --out FILE")
+    todo = [p for p in all_images if p not in done]
+    summary.skipped = len(all_images) - len(todo)
+
+    batch_size = min(opts.batch_size, engine.max_batch) if getattr(engine, "max_batch", None) else opts.batch_size
+    workers = opts.workers or min(4, os.cpu_count() or 1)
+    in_name = engine.inputs[0].name
+    out_name = engine.outputs[0].name
+    emb = np.ascontiguousarray(bank.embeddings, dtype=np.float32)
+    mode, k = scoring
+
+    info = dict(meta or {})
+    info.update(format=opts.fmt, all_scores=opts.all_scores, top_k=opts.top_k, threshold=threshold,
+                batch_size=batch_size, workers=workers, images=str(root), output=str(out) if out else "-",
+                images_found=len(all_images), skipped_already_done=summary.skipped, status="running",
+                started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    _write_meta(meta_path, info)
+
+    writer = _Writer(out, opts.fmt, names, opts.all_scores, append)
+    start = time.perf_counter()
+    status = "interrupted"
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qks-decode") as pool, \
+                tqdm(total=len(todo), unit="img", disable=not opts.progress, file=sys.stderr,
+                     dynamic_ncols=True) as bar:
+            pending: deque = deque()
+            it = iter(todo)
+            window = 2 * batch_size + workers
+
+            def fill():
+                while len(pending) < window:
+                    rel = next(it, None)
+                    if rel is None:
+                        return
+                    pending.append(pool.submit(_decode, root, rel, preprocess))
+
+            fill()
+            while pending:
+                items = []
+                while pending and len(items) < batch_size:
+                    items.append(pending.popleft().result())
+                    fill()
+                ok = [i for i, (_rel, arr, _err) in enumerate(items) if arr is not None]
+                probs = {}
+                if ok:
+                    pixels = np.stack([items[i][1] for i in ok])
+                    qf = engine.run({in_name: pixels})[out_name]
+                    p = sigmoid(score_logits(qf, emb, mode, k))
+                    probs = dict(zip(ok, p, strict=True))
+                records = []
+                for i, (rel, _arr, err) in enumerate(items):
+                    if err is None and not np.isfinite(probs[i]).all():
+                        err = "model output is not finite (NaN or inf)"
+                    if err is not None:
+                        records.append({"image": rel, "error": err})
+                        summary.errors += 1
+                    elif opts.all_scores:
+                        records.append({"image": rel, "scores": {n: _fmt(v) for n, v in zip(names, probs[i].tolist(), strict=True)}})
+                    else:
+                        chosen = select(probs[i], names, opts.top_k, threshold)
+                        records.append({"image": rel, "labels": {n: _fmt(v) for n, v in chosen}})
+                writer.write(records)
+                summary.written += len(records)
+                bar.update(len(items))
+        status = "complete"
+    finally:
+        writer.close()
+        summary.seconds = time.perf_counter() - start
+        summary.images_per_s = summary.written / summary.seconds if summary.seconds > 0 else 0.0
+        info.update(status=status, written=summary.written, errors=summary.errors,
+                    seconds=round(summary.seconds, 3), images_per_s=round(summary.images_per_s, 2),
+                    finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        summary.meta = info
+        _write_meta(meta_path, info)
+    return summary
+
+
+__all__ = ["IMAGE_EXTENSIONS", "InferError", "InferOptions", "RunSummary", "done_images", "find_images", "run_folder"]

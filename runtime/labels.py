@@ -1,0 +1,260 @@
+"""Label lists and label banks.
+
+A label file is UTF-8 (a BOM is stripped), one label a line, LF or CRLF; surrounding whitespace is
+trimmed, blank lines are skipped, and a repeated label is kept once (with a warning). Bytes that
+are not UTF-8 are an error that says where.
+
+A `LabelBank` is the label names and their embeddings, float32 [L, D]. Banks come from the bundle
+(`labels/<name>.npy`), or are computed for any new label list with the bundle's tokenizer
+(`tokenizer.json`), prompt pool and label-encoder graph: every label goes through every template
+(`template.format(label)`), and its embedding is the unnormalised mean of the prompts' text
+features. So adding labels never needs a re-export. A computed bank is cached by
+`manifest.bank_key(label encoder sha256, prompts sha256, names)` under the bundle's
+`labels/cache/` when the bundle is writable, else under `$QKS_CACHE_DIR`, `$XDG_CACHE_HOME/qks` or
+`~/.cache/qks` (`banks/`), and is found again by that key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .bundle import LABEL_GRAPH, Bundle, load_npy, read_names
+from .manifest import BundleError, bank_key, file_record, write_manifest
+
+BANK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}")
+
+
+class LabelError(ValueError):
+    """A label file or list that cannot be used; one line."""
+
+
+class LabelWarning(UserWarning):
+    pass
+
+
+def parse_labels(text: str, source: str = "labels") -> list[str]:
+    names, seen, dups = [], set(), []
+    for line in text.removeprefix("\ufeff").splitlines():
+        label = line.strip()
+        if not label:
+            continue
+        if label in seen:
+            dups.append(label)
+            continue
+        seen.add(label)
+        names.append(label)
+    if dups:
+        warnings.warn(f"{source}: {len(dups)} duplicate label(s) kept once: {', '.join(repr(d) for d in dups[:5])}"
+                      + (" ..." if len(dups) > 5 else ""), LabelWarning, stacklevel=2)
+    if not names:
+        raise LabelError(f"{source}: no labels (the file is empty or blank)")
+    return names
+
+
+def read_label_file(path: str | Path) -> list[str]:
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise LabelError(f"label file not found: {path}") from None
+    except IsADirectoryError:
+        raise LabelError(f"label file is a directory: {path}") from None
+    except OSError as e:
+        raise LabelError(f"cannot read label file {path}: {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise LabelError(f"{path}: not UTF-8 (byte 0x{data[e.start]:02x} on line {line}); save it as UTF-8") from None
+    return parse_labels(text, str(path))
+
+
+@dataclass
+class LabelBank:
+    names: list[str]
+    embeddings: np.ndarray  # float32 [L, D]
+    key: str | None = None
+    source: str = ""  # "bundle:<name>", "cache:<path>", "computed"
+
+    def __post_init__(self):
+        if self.embeddings.ndim != 2 or len(self.names) != self.embeddings.shape[0]:
+            raise LabelError(f"label bank: {len(self.names)} names for embeddings {list(self.embeddings.shape)}")
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle, name: str | None = None) -> LabelBank:
+        name = name or bundle.default_bank()
+        if name not in bundle.banks:
+            raise BundleError(f"bundle has no label bank {name!r} (it has: {', '.join(sorted(bundle.banks)) or 'none'})")
+        rec = bundle.banks[name]
+        emb = load_npy(rec.path, f"label bank {name!r}")
+        return cls(read_names(rec.names_path), emb, rec.key, f"bundle:{name}")
+
+    @classmethod
+    def for_labels(cls, bundle: Bundle, names: list[str], *, cache: bool = True, cache_dir: str | Path | None = None,
+                   batch_size: int = 64, threads: int | None = None, engine=None) -> LabelBank:
+        """The bank for `names`: a bundle bank or cached bank with the same key, else encode and cache."""
+        names = list(names)
+        if not names:
+            raise LabelError("no labels to encode")
+        key = bank_key_for(bundle, names)
+        for name, rec in bundle.banks.items():
+            if rec.key == key:
+                bank = cls.from_bundle(bundle, name)
+                if bank.names == names:
+                    return bank
+        dirs = cache_dirs(bundle, cache_dir)
+        if cache:
+            for d in dirs:
+                bank = _read_cached(d, key, names)
+                if bank is not None:
+                    return bank
+        emb = encode_labels(bundle, names, batch_size=batch_size, threads=threads, engine=engine)
+        bank = cls(names, emb, key, "computed")
+        if cache:
+            for d in dirs:
+                if _write_cached(d, key, bank):
+                    break
+        return bank
+
+
+def bank_key_for(bundle: Bundle, names: list[str]) -> str:
+    label_graph = bundle.graph(LABEL_GRAPH)
+    return bank_key(label_graph.sha256, bundle.sha256(bundle.prompts_file), names)
+
+
+def user_cache_dir() -> Path:
+    if os.environ.get("QKS_CACHE_DIR"):
+        return Path(os.environ["QKS_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "qks"
+
+
+def cache_dirs(bundle: Bundle, cache_dir: str | Path | None = None) -> list[Path]:
+    """Where computed banks are looked up and stored, in order."""
+    if cache_dir is not None:
+        return [Path(cache_dir)]
+    return [bundle.root / "labels" / "cache", user_cache_dir() / "banks"]
+
+
+def _read_cached(d: Path, key: str, names: list[str]) -> LabelBank | None:
+    npy, txt = d / f"{key}.npy", d / f"{key}.txt"
+    if not (npy.is_file() and txt.is_file()):
+        return None
+    try:
+        emb = np.load(npy, allow_pickle=False)
+        cached_names = read_names(txt)
+    except (OSError, ValueError, BundleError):
+        return None  # a damaged cache entry is recomputed, never trusted
+    if cached_names != names or emb.dtype != np.float32 or emb.shape[:1] != (len(names),) or emb.ndim != 2:
+        return None
+    return LabelBank(names, emb, key, f"cache:{npy}")
+
+
+def _write_cached(d: Path, key: str, bank: LabelBank) -> bool:
+    """Write `<key>.npy` and `<key>.txt` atomically; False if the folder is not writable."""
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        _atomic_save(d / f"{key}.txt", "".join(n + "\n" for n in bank.names).encode("utf-8"))
+        _atomic_save(d / f"{key}.npy", _npy_bytes(bank.embeddings))
+    except OSError:
+        return False
+    return True
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr, dtype=np.float32), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _atomic_save(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def tokenize(bundle: Bundle, texts: list[str]) -> np.ndarray:
+    """Token ids int64 [N, T] from the bundle's tokenizer.json (which pads/truncates to T)."""
+    from tokenizers import Tokenizer
+
+    try:
+        tok = Tokenizer.from_file(str(bundle.tokenizer_file))
+    except Exception as e:
+        raise BundleError(f"tokenizer.json cannot be loaded ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    encs = tok.encode_batch(texts)
+    t = bundle.context_length
+    lengths = {len(e.ids) for e in encs}
+    if len(lengths) > 1 or (t is not None and lengths != {t}):
+        raise BundleError(f"tokenizer.json does not pad/truncate to the context length {t} (got lengths {sorted(lengths)})")
+    return np.asarray([e.ids for e in encs], dtype=np.int64)
+
+
+def encode_labels(bundle: Bundle, names: list[str], *, batch_size: int = 64, threads: int | None = None,
+                  engine=None) -> np.ndarray:
+    """[L, D] float32: per label, the mean over the prompt pool of the label encoder's text features."""
+    templates = bundle.prompts()
+    prompts = [t.format(label) for label in names for t in templates]
+    ids = tokenize(bundle, prompts)
+    own = engine is None
+    if own:
+        from ..engines.ort import OrtEngine
+
+        engine = OrtEngine(bundle.graph(LABEL_GRAPH).path, "cpu", intra_op_threads=threads)
+    try:
+        in_names = [i.name for i in engine.inputs]
+        out_name = engine.outputs[0].name
+        feats = []
+        for i in range(0, len(ids), batch_size):
+            chunk = ids[i:i + batch_size]
+            feeds = {"token_ids": chunk}
+            if "attention_mask" in in_names:
+                feeds["attention_mask"] = (chunk != 0).astype(np.int64)
+            feats.append(engine.run(feeds)[out_name])
+    finally:
+        if own:
+            engine.close()
+    feats = np.concatenate(feats).astype(np.float64)
+    emb = feats.reshape(len(names), len(templates), -1).mean(axis=1).astype(np.float32)
+    if not np.isfinite(emb).all():
+        raise BundleError("the label encoder produced non-finite embeddings")
+    return emb
+
+
+def save_bank(bundle: Bundle, name: str, bank: LabelBank) -> Path:
+    """Add (or replace) `labels/<name>.npy` + `labels/<name>.txt` in the bundle and its manifest."""
+    if not BANK_NAME.fullmatch(name):
+        raise LabelError(f"bank name {name!r}: use letters, digits, '_', '-', '.' (not first), at most 100 characters")
+    labels_dir = bundle.root / "labels"
+    try:
+        labels_dir.mkdir(exist_ok=True)
+        rel_npy, rel_txt = f"labels/{name}.npy", f"labels/{name}.txt"
+        _atomic_save(bundle.root / rel_txt, "".join(n + "\n" for n in bank.names).encode("utf-8"))
+        _atomic_save(bundle.root / rel_npy, _npy_bytes(bank.embeddings))
+        m = bundle.manifest
+        m.setdefault("files", {})[rel_npy] = file_record(bundle.root, rel_npy)
+        m["files"][rel_txt] = file_record(bundle.root, rel_txt)
+        m.setdefault("label_banks", {})[name] = {
+            "file": rel_npy, "names_file": rel_txt, "shape": list(bank.embeddings.shape), "dtype": "float32",
+            "key": bank.key or bank_key_for(bundle, bank.names)}
+        write_manifest(bundle.root, m)
+    except OSError as e:
+        raise BundleError(f"cannot write to the bundle {bundle.root}: {e.strerror or e}") from None
+    bundle.banks[name] = bundle._check_bank(name, m["label_banks"][name])
+    return bundle.root / rel_npy

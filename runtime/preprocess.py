@@ -1,0 +1,138 @@
+"""Image preprocessing with Pillow and numpy, identical to the backbone's training/eval transform.
+
+The geometry is torchvision's on PIL images (which is what open_clip and `qks.transforms` use):
+"shortest" resizes the shortest side to `size` (the long side to `int(size * long / short)`) with
+PIL's resampling filter, then centre-crops with `top = int(round((h - size) / 2.0))`; "squash"
+resizes both sides to `size`. Then uint8 / 255 (float32) and (x - mean) / std, CHW float32. Same
+operations in the same order and precision, so the result equals open_clip's to ~1e-7 (a test
+measures it on real photos).
+
+Colour: EXIF orientation is applied first (`ImageOps.exif_transpose`), then the image becomes RGB
+before any resizing, as the training loader does (`Image.open(p).convert("RGB")`):
+- RGB, L, 1, P, CMYK, YCbCr, LAB, HSV: Pillow's `convert("RGB")`, exactly the training loader.
+- Alpha (RGBA, LA, PA, P with transparency): by default the alpha is dropped like `convert("RGB")`
+  (parity with training and with `qks-eval`); `background=(r, g, b)` composites over that colour
+  instead (for cut-outs whose hidden colour under transparent pixels is arbitrary).
+- High bit depth, where Pillow's convert clips to 255 and turns most images white: I;16* is scaled
+  by 255/65535; I is taken as 8-bit when all values are in 0..255, else as 16-bit (clipped to
+  0..65535, scaled); F is scaled by 255 when all values are in [0, 1], else clipped to 0..255
+  (NaN -> 0). These images differ from what a naive `convert("RGB")` loader would feed training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+
+
+class PreprocessError(ValueError):
+    """An image that cannot be preprocessed; the message is short enough for an error record."""
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an image becomes the image encoder's input (mirrors qks.backbones.base.Preprocess)."""
+
+    size: int
+    resize_mode: str = "shortest"  # "shortest" | "squash"
+    interpolation: str = "bicubic"  # "bicubic" | "bilinear"
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    background: tuple[int, int, int] | None = None  # None: drop alpha (training parity); else composite
+
+    def __post_init__(self):
+        if self.resize_mode not in ("shortest", "squash"):
+            raise ValueError(f"unsupported resize mode {self.resize_mode!r} (shortest or squash)")
+        if self.interpolation not in _RESAMPLE:
+            raise ValueError(f"unsupported interpolation {self.interpolation!r} (bicubic or bilinear)")
+        if int(self.size) <= 0:
+            raise ValueError(f"image size must be positive, got {self.size}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocess:
+        return cls(size=int(d["size"]), resize_mode=d.get("resize_mode", "shortest"),
+                   interpolation=d.get("interpolation", "bicubic"),
+                   mean=tuple(float(v) for v in d["mean"]), std=tuple(float(v) for v in d["std"]))
+
+    # -- steps -------------------------------------------------------------------------------------
+
+    def resize_crop(self, img: Image.Image) -> Image.Image:
+        """torchvision's Resize(size) + CenterCrop(size) (or Resize((size, size))) on a PIL image."""
+        size, resample = self.size, _RESAMPLE[self.interpolation]
+        w, h = img.size
+        if self.resize_mode == "squash":
+            return img if (w, h) == (size, size) else img.resize((size, size), resample)
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = size, int(size * long / short)
+        new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+        if (new_w, new_h) != (w, h):
+            img = img.resize((new_w, new_h), resample)
+        top = int(round((new_h - size) / 2.0))
+        left = int(round((new_w - size) / 2.0))
+        return img.crop((left, top, left + size, top + size))
+
+    def normalize(self, rgb: np.ndarray) -> np.ndarray:
+        """uint8 HWC -> float32 CHW, / 255 then (x - mean) / std, in float32 like torchvision."""
+        x = rgb.astype(np.float32).transpose(2, 0, 1) / np.float32(255)
+        mean = np.asarray(self.mean, dtype=np.float32)[:, None, None]
+        std = np.asarray(self.std, dtype=np.float32)[:, None, None]
+        return np.ascontiguousarray((x - mean) / std, dtype=np.float32)
+
+    def __call__(self, img: Image.Image) -> np.ndarray:
+        """A PIL image (any mode, EXIF orientation honoured) -> float32 [3, size, size]."""
+        img = to_rgb(ImageOps.exif_transpose(img), self.background)
+        return self.normalize(np.asarray(self.resize_crop(img), dtype=np.uint8))
+
+    def load(self, path) -> np.ndarray:
+        """Decode a file and preprocess it; PreprocessError with a short reason if it cannot."""
+        try:
+            with Image.open(path) as img:
+                img.load()
+                return self(img)
+        except PreprocessError:
+            raise
+        except Image.DecompressionBombError:
+            raise PreprocessError("image too large (decompression bomb limit)") from None
+        except FileNotFoundError:
+            raise PreprocessError("file not found (broken link?)") from None
+        except IsADirectoryError:
+            raise PreprocessError("is a directory") from None
+        except PermissionError:
+            raise PreprocessError("permission denied") from None
+        except Image.UnidentifiedImageError:
+            raise PreprocessError("not a readable image (unidentified format)") from None
+        except (OSError, ValueError, SyntaxError, EOFError) as e:  # truncated/corrupt data
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise PreprocessError(f"cannot decode image: {msg[:200]}") from None
+
+
+def _high_depth_to_l(img: Image.Image) -> Image.Image:
+    a = np.asarray(img)
+    if img.mode.startswith("I;16"):
+        out = a.astype(np.float64) * (255.0 / 65535.0)
+    elif img.mode == "I":
+        a = a.astype(np.float64)
+        out = a if (a.size == 0 or (a.min() >= 0 and a.max() <= 255)) else np.clip(a, 0, 65535) * (255.0 / 65535.0)
+    else:  # "F"
+        a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        out = a * 255.0 if (a.size == 0 or (a.min() >= 0 and a.max() <= 1.0)) else a
+    return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8), "L")
+
+
+def to_rgb(img: Image.Image, background: tuple[int, int, int] | None = None) -> Image.Image:
+    """Any Pillow mode -> RGB, by the rules in the module docstring."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        return _high_depth_to_l(img).convert("RGB")
+    has_alpha = img.mode in _ALPHA_MODES or (img.mode in ("P", "L", "RGB") and "transparency" in img.info)
+    if background is not None and has_alpha:
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, tuple(background) + (255,))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return img.convert("RGB")

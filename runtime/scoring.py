@@ -1,0 +1,45 @@
+"""Knowledge-sharing scoring in numpy: logits from query features and label embeddings, sigmoid,
+and the selection of labels per image (`--top-k`, `--threshold`)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def logits(query_features: np.ndarray, embeddings: np.ndarray, mode: str = "max", k: int = 1) -> np.ndarray:
+    """query_features [B, Nq, D], embeddings [L, D] -> logits [B, L] (float32).
+
+    "max": logit[b, l] = max_q <qf[b, q], e[l]> (the paper); "topk": the sum of the k largest dot
+    products over the queries.
+    """
+    qf = np.asarray(query_features, dtype=np.float32)
+    emb = np.asarray(embeddings, dtype=np.float32)
+    if qf.ndim != 3 or emb.ndim != 2 or qf.shape[2] != emb.shape[1]:
+        raise ValueError(f"query features {list(qf.shape)} and embeddings {list(emb.shape)} do not match")
+    sims = qf @ emb.T  # [B, Nq, L]
+    if mode == "max":
+        return sims.max(axis=1)
+    if mode == "topk":
+        k = max(1, min(int(k), sims.shape[1]))
+        return np.sort(sims, axis=1)[:, -k:, :].sum(axis=1)
+    raise ValueError(f"unknown scoring mode {mode!r} (max or topk)")
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """1 / (1 + exp(-x)) without overflow for any finite x (NaN stays NaN)."""
+    x = np.asarray(x)
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(x.dtype if x.dtype.kind == "f" else np.float64)
+
+
+def select(probs: np.ndarray, names: list[str], top_k: int | None = None,
+           threshold: float | None = None) -> list[tuple[str, float]]:
+    """One image's labels, most probable first: the top k (if given), of those the ones with
+    p >= threshold (if given). With neither, nothing is selected."""
+    probs = np.asarray(probs)
+    order = np.argsort(-probs, kind="stable")
+    if top_k is not None:
+        order = order[:max(int(top_k), 0)]
+    if threshold is not None:
+        order = order[probs[order] >= threshold]
+    return [(names[i], float(probs[i])) for i in order]
