@@ -1,0 +1,407 @@
+"""Training the QKS head on seen labels (the paper's recipe by default), with exact resume.
+
+A run directory holds:
+    run.json        the options, label counts and split sizes (readable)
+    metrics.jsonl   one record per finished epoch: train loss, lr, validation metrics and score
+    best.pt         the head with the best validation score so far (qks checkpoint)
+    last.pt         the head after the last finished epoch, with `train_state` for `--resume`
+    label_cache/    label embeddings (one .npy per label, keyed by backbone, prompt pool and label)
+    tokens.npy      with --cached-tokens: the backbone's image tokens (float16), computed once
+
+Validation: a split carved from the training manifest (never the test set), scored on the seen
+labels only (the only labels its images carry) over its images with at least one seen positive.
+The validation score is mAP + the sum of F1@K over the recipe's K (fractions, so in [0, 1 + len(K)]);
+ReduceLROnPlateau follows it and `best.pt` is the epoch that maximises it.
+
+Exactness: every epoch draws its shuffle, augmentation, dropout and worker seeds from
+(seed, epoch) alone, and `last.pt` holds the optimizer, scheduler and RNG states, so a run stopped
+after epoch e and resumed ends with the same weights as one that never stopped. A run killed
+mid-epoch loses only that epoch (checkpoints are written atomically).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .backbones import create_backbone, module_fingerprint
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .config import RECIPES, HeadConfig, ModelConfig
+from .data import Manifest, ManifestDataset, read_label_lists, read_manifest
+from .evaluate import DEFAULT_TOPK, autocast, predict, resolve_device
+from .losses import LOSSES, get_loss
+from .metrics import f1_at_k, gzsl_selection, mean_average_precision
+from .model import QKSModel
+from .prompts import LabelEmbedder, load_prompts
+from .transforms import eval_transform, train_transform
+
+DEFAULT_BACKBONE = "openclip:ViT-B-16:openai"
+VAL_MAX = 20000  # at most this many validation images, whatever the fraction
+PLATEAU_FACTOR = 0.1
+TOKENS_FILE = "tokens.npy"
+
+
+class TrainError(Exception):
+    """Bad input or state for a training run; the message is one line."""
+
+
+@dataclass
+class TrainOptions:
+    data: str
+    seen: str
+    out: str
+    unseen: str | None = None
+    backbone: str = DEFAULT_BACKBONE
+    recipe: str = "nuswide"
+    layers: int | None = None  # None: the recipe's
+    queries: int | None = None
+    width: int | None = None  # None: the backbone's token width
+    heads: int | None = None
+    ffn: int | None = None
+    dropout: float | None = None
+    drop_cls: bool = False
+    epochs: int = 60
+    batch_size: int = 64
+    lr: float = 1e-5
+    weight_decay: float = 1e-4
+    loss: str = "asl"
+    plateau_patience: int = 2
+    val_fraction: float = 0.05
+    topk: tuple[int, ...] | None = None  # None: the recipe's K (3, 5 or 10, 20)
+    seed: int = 0
+    cached_tokens: bool = False
+    prompts: str = "default"
+    device: str = "auto"
+    workers: int = 4
+    amp: bool = True
+    skip_bad: bool = False
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["topk"] = list(self.topk) if self.topk is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainOptions:
+        d = {k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}}
+        if d.get("topk") is not None:
+            d["topk"] = tuple(d["topk"])
+        return cls(**d)
+
+
+# Options a resumed run may change without breaking exactness (where the run executes, not what).
+RESUME_OVERRIDABLE = ("epochs", "device", "workers")
+
+
+def _check_options(o: TrainOptions) -> None:
+    if o.recipe not in RECIPES:
+        raise TrainError(f"unknown recipe {o.recipe!r}: one of {', '.join(RECIPES)}")
+    if o.loss not in LOSSES:
+        raise TrainError(f"unknown loss {o.loss!r}: one of {', '.join(LOSSES)}")
+    if not 0.0 <= o.val_fraction < 1.0:
+        raise TrainError(f"--val-fraction must be in [0, 1), got {o.val_fraction}")
+    for name in ("epochs", "batch_size"):
+        if getattr(o, name) < 1:
+            raise TrainError(f"--{name.replace('_', '-')} must be >= 1")
+    if o.lr <= 0:
+        raise TrainError("--lr must be > 0")
+
+
+def model_config(o: TrainOptions) -> ModelConfig:
+    head = dataclasses.replace(RECIPES[o.recipe])
+    for name in ("layers", "queries", "width", "heads", "ffn", "dropout"):
+        v = getattr(o, name)
+        if v is not None:
+            setattr(head, name, v)
+    return ModelConfig(backbone=o.backbone, head=HeadConfig(**dataclasses.asdict(head)), drop_cls=o.drop_cls,
+                       prompts=o.prompts)
+
+
+def epoch_seed(seed: int, epoch: int, stream: int) -> int:
+    """A seed for one random stream of one epoch, from (seed, epoch) alone: resume-independent."""
+    h = hashlib.sha256(f"{seed}/{epoch}/{stream}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def split_validation(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, validation indices), sorted, deterministic in (n, fraction, seed)."""
+    if fraction <= 0 or n < 2:
+        return np.arange(n), np.arange(0)
+    n_val = min(max(1, round(fraction * n)), n - 1, VAL_MAX)
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def _file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---- RNG state as plain values (weights_only checkpoints hold no numpy arrays) -----------------
+
+def rng_state() -> dict:
+    py = random.getstate()
+    npy = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": {"key": npy[0], "state": torch.from_numpy(npy[1].astype(np.int64)), "pos": int(npy[2]),
+                  "has_gauss": int(npy[3]), "cached_gaussian": float(npy[4])},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n["key"], n["state"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---- cached image tokens -------------------------------------------------------------------
+
+class TokenDataset(torch.utils.data.Dataset):
+    """(tokens [N, C] float32, targets [L] int8) from a memory-mapped token array."""
+
+    def __init__(self, tokens: np.ndarray, rows: np.ndarray, manifest: Manifest, labels: list[str]):
+        self.tokens, self.rows = tokens, rows
+        self.inner = ManifestDataset([manifest.samples[i] for i in rows], labels, transform=None)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        t = torch.from_numpy(np.asarray(self.tokens[self.rows[i]], dtype=np.float32))
+        return t, torch.from_numpy(self.inner.samples[i].targets(self.inner.index))
+
+
+def cache_tokens(model: QKSModel, manifest: Manifest, out: Path, device: torch.device, batch_size: int,
+                 workers: int, amp: bool, progress: bool) -> np.ndarray:
+    """The image tokens of every manifest image (eval transform, no augmentation) as float16 in
+    `out/tokens.npy`, reused when the manifest, backbone and preprocessing are unchanged."""
+    from tqdm import tqdm
+
+    path, meta_path = out / TOKENS_FILE, out / "tokens.json"
+    key = hashlib.sha256(json.dumps({
+        "manifest": _file_sha256(manifest.path),
+        "images": [s.path for s in manifest.samples],
+        "backbone": model.config.backbone,
+        "weights": module_fingerprint(model.backbone) if isinstance(model.backbone, torch.nn.Module) else "",
+        "preprocess": model.backbone.preprocess.to_dict(),
+        "drop_cls": model.config.drop_cls,
+        "amp": amp and device.type == "cuda",
+    }, sort_keys=True).encode()).hexdigest()
+    if path.is_file() and meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("key") == key and meta.get("complete"):
+            return np.load(path, mmap_mode="r")
+    meta_path.unlink(missing_ok=True)
+    ds = ManifestDataset(manifest.samples, [], eval_transform(model.backbone.preprocess))
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers)
+    arr = None
+    row = 0
+    with torch.no_grad():
+        for pixels, _ in tqdm(loader, desc="caching image tokens", unit="batch", disable=not progress):
+            with autocast(device, amp):
+                tok = model.image_tokens(pixels.to(device)).float().cpu().numpy()
+            if arr is None:
+                arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16,
+                                                shape=(len(ds), *tok.shape[1:]))
+            arr[row:row + len(tok)] = tok
+            row += len(tok)
+    arr.flush()
+    del arr
+    meta_path.write_text(json.dumps({"key": key, "complete": True}))
+    return np.load(path, mmap_mode="r")
+
+
+# ---- the run ---------------------------------------------------------------------------------
+
+def _loader(dataset, batch_size: int, order: list[int] | None, workers: int, seed: int, device: torch.device):
+    g = torch.Generator().manual_seed(seed)  # worker seeds derive from it
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=order, shuffle=False,
+                                       num_workers=workers, generator=g, pin_memory=device.type == "cuda",
+                                       persistent_workers=False)
+
+
+def validation_metrics(probs: np.ndarray, targets: np.ndarray, topk: tuple[int, ...]) -> dict:
+    images, _ = gzsl_selection(targets)  # held-out images with at least one seen positive
+    if len(images) == 0:
+        return {"images": 0, "map": 0.0, "map_labels_with_positives": float("nan"),
+                **{f"f1@{k}": 0.0 for k in topk}, "score": 0.0}
+    p, t = probs[images], targets[images]
+    m = mean_average_precision(p, t)
+    out = {"images": int(len(images)), "map": m.map, "map_labels_with_positives": m.map_labels_with_positives}
+    for k in topk:
+        out[f"f1@{k}"] = f1_at_k(p, t, k).f1
+    out["score"] = m.map + sum(out[f"f1@{k}"] for k in topk)
+    return out
+
+
+def train(options: TrainOptions | None = None, resume: str | Path | None = None,
+          overrides: dict | None = None, progress: bool = True, log=print) -> dict:
+    """Run (or resume) a training run. Returns the final summary (also the last metrics record)."""
+    from tqdm import tqdm
+
+    start_epoch, best_score, train_state = 0, float("-inf"), None
+    if resume is not None:
+        out = Path(resume)
+        try:
+            last = load_checkpoint(out / "last.pt")
+        except CheckpointError as e:
+            raise TrainError(f"cannot resume {out}: {e}") from None
+        train_state = last.get("train_state")
+        if not train_state:
+            raise TrainError(f"cannot resume {out}: last.pt has no training state")
+        o = TrainOptions.from_dict(train_state["options"])
+        o = dataclasses.replace(o, **{k: v for k, v in (overrides or {}).items() if k in RESUME_OVERRIDABLE})
+        start_epoch, best_score = int(train_state["epoch"]), float(train_state["best_score"])
+    else:
+        assert options is not None
+        o = options
+        out = Path(o.out)
+        if (out / "last.pt").exists():
+            raise TrainError(f"{out} already holds a run (last.pt): pass --resume {out} or another --out")
+    _check_options(o)
+
+    # Data: validated before anything expensive happens.
+    seen, unseen = read_label_lists(o.seen, o.unseen)
+    manifest = read_manifest(o.data, seen + unseen, skip_bad=o.skip_bad, progress=progress)
+    if manifest.skipped:
+        log(f"warning: skipped {len(manifest.skipped)} bad line(s) of {o.data}")
+    manifest_sha = _file_sha256(o.data)
+    if train_state is not None and train_state.get("manifest_sha256") != manifest_sha:
+        raise TrainError(f"cannot resume {out}: {o.data} changed since the run started")
+    train_rows, val_rows = split_validation(len(manifest.samples), o.val_fraction, o.seed)
+    topk = o.topk or DEFAULT_TOPK.get(o.recipe, (3, 5))
+
+    device = resolve_device(o.device)
+    cfg = model_config(o)
+    try:
+        backbone = create_backbone(o.backbone)
+    except Exception as e:  # unknown arch, missing file, weights that cannot be fetched offline, ...
+        raise TrainError(f"cannot build backbone {o.backbone!r}: {_first_line(e)}") from None
+    torch.manual_seed(o.seed)  # the head's initialisation
+    try:
+        model = QKSModel(cfg, backbone).to(device)
+    except ValueError as e:
+        raise TrainError(f"bad head configuration: {e}") from None
+    try:
+        templates = load_prompts(o.prompts)
+    except (OSError, ValueError) as e:
+        raise TrainError(f"prompt pool: {_first_line(e)}") from None
+    out.mkdir(parents=True, exist_ok=True)  # only now: bad input leaves no half-made run directory
+    emb = LabelEmbedder(model.backbone, templates, cache_dir=out / "label_cache")(seen).to(device)
+    loss_fn = get_loss(o.loss)
+
+    if o.cached_tokens:
+        tokens = cache_tokens(model, manifest, out, device, o.batch_size, o.workers, o.amp, progress)
+        train_ds = TokenDataset(tokens, train_rows, manifest, seen)
+        val_ds = TokenDataset(tokens, val_rows, manifest, seen)
+        workers = 0  # memory-mapped reads: workers buy nothing
+    else:
+        pp = model.backbone.preprocess
+        train_ds = ManifestDataset([manifest.samples[i] for i in train_rows], seen, train_transform(pp))
+        val_ds = ManifestDataset([manifest.samples[i] for i in val_rows], seen, eval_transform(pp))
+        workers = o.workers
+
+    optimizer = torch.optim.AdamW(model.head.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=PLATEAU_FACTOR,
+                                                           patience=o.plateau_patience)
+    metrics_path = out / "metrics.jsonl"
+    if train_state is not None:
+        model.head.load_state_dict(last["head"])
+        optimizer.load_state_dict(train_state["optimizer"])
+        scheduler.load_state_dict(train_state["scheduler"])
+        set_rng_state(train_state["rng"])
+        # Records of an epoch that was running when the run stopped are dropped; it runs again.
+        if metrics_path.is_file():
+            kept = [ln for ln in metrics_path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln)["epoch"] <= start_epoch]
+            metrics_path.write_text("".join(ln + "\n" for ln in kept))
+        log(f"resuming {out} after epoch {start_epoch} (best validation score {best_score:.4f})")
+    else:
+        metrics_path.write_text("")
+    (out / "run.json").write_text(json.dumps({
+        "options": o.to_dict(), "model": cfg.to_dict(), "seen": len(seen), "unseen": len(unseen),
+        "train_images": len(train_rows), "val_images": len(val_rows), "skipped_lines": len(manifest.skipped),
+        "device": str(device), "validation_score": f"mAP + sum of F1@{list(topk)} on seen labels",
+    }, indent=2))
+
+    summary: dict = {"epoch": start_epoch, "best_score": best_score}
+    for epoch in range(start_epoch, o.epochs):
+        t0 = time.time()
+        model.train()
+        torch.manual_seed(epoch_seed(o.seed, epoch, 0))  # dropout and in-process augmentation
+        order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(
+            epoch_seed(o.seed, epoch, 1))).tolist()
+        loader = _loader(train_ds, o.batch_size, order, workers, epoch_seed(o.seed, epoch, 2), device)
+        total, batches = 0.0, 0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{o.epochs}", unit="batch", disable=not progress)
+        for inputs, targets in bar:
+            inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            with autocast(device, o.amp):
+                qf = model.query_features_from_tokens(inputs) if o.cached_tokens else model.query_features(inputs)
+                logits = model.logits(qf.float(), emb)
+            loss = loss_fn(logits.float(), targets)
+            if not torch.isfinite(loss):
+                raise TrainError(f"epoch {epoch + 1}: the loss is {loss.item()} (lower --lr?)")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item()
+            batches += 1
+            bar.set_postfix(loss=f"{total / batches:.4f}")
+        bar.close()
+
+        record = {"epoch": epoch + 1, "train_loss": total / max(batches, 1),
+                  "lr": optimizer.param_groups[0]["lr"]}
+        if len(val_ds):
+            val_loader = _loader(val_ds, o.batch_size, None, workers, 0, device)
+            probs, targets = predict(model, val_loader, emb, device, from_tokens=o.cached_tokens, amp=o.amp,
+                                     progress=progress, desc="validating")
+            val = validation_metrics(probs, targets, topk)
+            score = val["score"]
+            scheduler.step(score)
+        else:  # no validation split: no schedule, best.pt is the latest epoch
+            val, score = None, float(epoch)
+        improved = score > best_score
+        if improved:
+            best_score = score
+        record.update(val=val, val_score=score if val else None, best=improved, seconds=round(time.time() - t0, 2))
+        light = {"epoch": epoch + 1, "val_score": score if val else None, "options": o.to_dict()}
+        if improved:
+            save_checkpoint(out / "best.pt", model, seen, unseen, templates, train_state=light)
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        save_checkpoint(out / "last.pt", model, seen, unseen, templates, train_state={
+            **light, "best_score": best_score, "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "rng": rng_state(), "manifest_sha256": manifest_sha,
+        })
+        val_text = f", val mAP {val['map']:.4f}, val score {score:.4f}" if val else ""
+        log(f"epoch {epoch + 1}/{o.epochs}: loss {record['train_loss']:.4f}{val_text}"
+            f"{' (best)' if improved else ''} [{record['seconds']:.1f}s]")
+        summary = {**record, "best_score": best_score}
+    return summary
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
