@@ -9,6 +9,7 @@ asked for that provider and decides what to do.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -79,7 +80,9 @@ class OrtEngine(Engine):
             providers.append("CPUExecutionProvider")
         kwargs = {"disabled_optimizers": list(disabled_optimizers)} if disabled_optimizers else {}
         try:
-            self.session = ort.InferenceSession(str(self.path), opts, providers=providers, **kwargs)
+            with warnings.catch_warnings():  # "provider not available" warnings: reported below instead
+                warnings.simplefilter("ignore")
+                self.session = ort.InferenceSession(str(self.path), opts, providers=providers, **kwargs)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise EngineError(f"{self.backend}: cannot load {self.path.name}: {first}") from None

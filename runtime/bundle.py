@@ -202,6 +202,9 @@ class Bundle:
 
 def load_npy(path: Path, what: str) -> np.ndarray:
     try:
+        with open(path, "rb") as f:
+            if f.read(6) != b"\x93NUMPY":
+                raise BundleError(f"{what}: {path.name} is not a valid .npy file (no NumPy header)")
         return np.load(path, allow_pickle=False)
     except ValueError as e:
         if "pickle" in str(e).lower():

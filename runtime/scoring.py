@@ -26,7 +26,7 @@ def logits(query_features: np.ndarray, embeddings: np.ndarray, mode: str = "max"
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
-    """1 / (1 + exp(-x)) without overflow for any finite x (NaN stays NaN)."""
+    """1 / (1 + exp(-x)) without overflow for any x (exp of -|x| only underflows to 0; NaN stays NaN)."""
     x = np.asarray(x)
     e = np.exp(-np.abs(x))
     return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(x.dtype if x.dtype.kind == "f" else np.float64)
@@ -35,7 +35,7 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 def select(probs: np.ndarray, names: list[str], top_k: int | None = None,
            threshold: float | None = None) -> list[tuple[str, float]]:
     """One image's labels, most probable first: the top k (if given), of those the ones with
-    p >= threshold (if given). With neither, nothing is selected."""
+    p >= threshold (if given). With neither, every label."""
     probs = np.asarray(probs)
     order = np.argsort(-probs, kind="stable")
     if top_k is not None:

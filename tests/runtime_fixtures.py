@@ -1,0 +1,110 @@
+"""Fixtures for the runtime tests: a bundle of the tiny checkpoint, real photos, a blocked torch.
+
+Import into a test module with `from runtime_fixtures import *  # noqa: F403`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
+
+
+def photo(name: str):
+    from PIL import Image
+    from skimage import data
+
+    return Image.fromarray(getattr(data, name)())
+
+
+@pytest.fixture(scope="session")
+def runtime_bundle(tiny_checkpoint, tmp_path_factory) -> Path:
+    """A read-only-by-convention bundle of the tiny checkpoint; copy it (bundle_copy) to modify it."""
+    from runtime_bundle import make_bundle
+
+    return make_bundle(tiny_checkpoint, tmp_path_factory.mktemp("bundle") / "bundle")
+
+
+@pytest.fixture
+def bundle_copy(runtime_bundle, tmp_path) -> Path:
+    dst = tmp_path / "bundle"
+    shutil.copytree(runtime_bundle, dst, ignore=shutil.ignore_patterns("cache"))
+    return dst
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    """Computed label banks never land in the user's real cache during tests."""
+    monkeypatch.setenv("QKS_CACHE_DIR", str(tmp_path / "user-cache"))
+
+
+@pytest.fixture(scope="session")
+def photo_dir(tmp_path_factory) -> Path:
+    """Real photos (scikit-image) in nested folders, plus one file that is not an image."""
+    root = tmp_path_factory.mktemp("photos") / "images"
+    (root / "sub" / "deeper").mkdir(parents=True)
+    photo("astronaut").save(root / "astronaut.jpg", quality=95)
+    photo("coffee").save(root / "sub" / "coffee.png")
+    photo("chelsea").save(root / "sub" / "deeper" / "chelsea.JPG", quality=95)
+    photo("rocket").save(root / "rocket.webp", quality=90)
+    photo("camera").save(root / "sub" / "camera_gray.png")
+    (root / "notes.txt").write_text("not an image\n")
+    (root / "sub" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
+    return root
+
+
+# Run Python with torch, torchvision and open_clip unimportable (a meta-path finder raises first).
+BLOCK_TORCH = (
+    "import sys\n"
+    "class _Block:\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name.split('.')[0] in ('torch', 'torchvision', 'open_clip'):\n"
+    "            raise ImportError('blocked for this test: ' + name)\n"
+    "sys.meta_path.insert(0, _Block())\n"
+)
+
+
+def run_blocked(entry: str, args: list[str], cwd=None, timeout=300) -> subprocess.CompletedProcess:
+    """`entry` is "infer" or "labels": run that CLI in a fresh interpreter with torch blocked."""
+    code = BLOCK_TORCH + (
+        f"sys.argv = ['qks-{entry}'] + {args!r}\n"
+        f"from qks.runtime.cli import {entry}_main\n"
+        f"try:\n    {entry}_main()\n"
+        "finally:\n"
+        "    bad = [m for m in ('torch', 'torchvision', 'open_clip') if m in sys.modules]\n"
+        "    assert not bad, bad\n"
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
+
+
+def torch_probs(ckpt_path, pixels: np.ndarray, names: list[str]) -> np.ndarray:
+    """The PyTorch model's probabilities for preprocessed pixels and label names."""
+    import torch
+
+    from qks.checkpoint import load_checkpoint, model_from_checkpoint
+    from qks.prompts import LabelEmbedder
+    from qks.scoring import score
+
+    ckpt = load_checkpoint(ckpt_path)
+    model = model_from_checkpoint(ckpt)
+    with torch.no_grad():
+        emb = LabelEmbedder(model.backbone, list(ckpt["prompts"]))(names)
+        qf = model.query_features(torch.from_numpy(pixels))
+        logits = score(qf, emb, model.config.scoring, model.config.scoring_k)
+        return torch.sigmoid(logits).numpy()
+
+
+__all__ = ["BLOCK_TORCH", "PHOTOS", "_private_cache", "bundle_copy", "photo", "photo_dir", "read_jsonl",
+           "run_blocked", "runtime_bundle", "torch_probs"]

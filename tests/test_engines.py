@@ -1,0 +1,188 @@
+"""Engines: ONNX Runtime on the CPU for real; TensorRT plan checks without a GPU; TrtEngine on a GPU."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from qks.engines.base import EngineError, TensorInfo
+from qks.engines.ort import OrtEngine
+from qks.engines.plan import check_compatible, normalize_sm, read_sidecar, sidecar_path
+from runtime_fixtures import *  # noqa: F403
+
+
+@pytest.fixture(scope="module")
+def image_graph(runtime_bundle):
+    return runtime_bundle / "image_encoder.onnx"
+
+
+def test_ort_metadata(image_graph):
+    with OrtEngine(image_graph, "cpu", intra_op_threads=1) as eng:
+        assert eng.backend == "ort-cpu"
+        (inp,) = eng.inputs
+        (out,) = eng.outputs
+        assert isinstance(inp, TensorInfo) and inp.name == "pixels" and inp.dtype == "float32"
+        assert not isinstance(inp.shape[0], int) and inp.shape[1:] == (3, 32, 32)
+        assert out.name == "query_features" and out.dtype == "float32" and out.shape[1:] == (4, 32)
+        assert "pixels float32" in eng.describe()
+
+
+def test_ort_dynamic_batch(image_graph):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 3, 32, 32), dtype=np.float32)
+    with OrtEngine(image_graph, "cpu", intra_op_threads=1, inter_op_threads=1) as eng:
+        whole = eng.run({"pixels": x})["query_features"]
+        singles = np.concatenate([eng.run({"pixels": x[i:i + 1]})["query_features"] for i in range(5)])
+        pair = eng.run({"pixels": x[1:3]})["query_features"]
+    assert whole.shape == (5, 4, 32) and whole.dtype == np.float32
+    np.testing.assert_allclose(whole, singles, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(pair, whole[1:3], rtol=0, atol=1e-5)
+
+
+def test_ort_disabled_optimizers_option_gives_the_same_result(image_graph):
+    x = np.random.default_rng(1).standard_normal((2, 3, 32, 32), dtype=np.float32)
+    with OrtEngine(image_graph, intra_op_threads=1) as a, \
+            OrtEngine(image_graph, intra_op_threads=1, disabled_optimizers=["NchwcTransformer"]) as b:
+        np.testing.assert_allclose(a.run({"pixels": x})["query_features"], b.run({"pixels": x})["query_features"],
+                                   rtol=0, atol=1e-6)
+
+
+def test_ort_feed_checks(image_graph):
+    with OrtEngine(image_graph, intra_op_threads=1) as eng:
+        with pytest.raises(EngineError, match="inputs must be"):
+            eng.run({"image": np.zeros((1, 3, 32, 32), np.float32)})
+        with pytest.raises(EngineError, match="rank"):
+            eng.run({"pixels": np.zeros((3, 32, 32), np.float32)})
+        with pytest.raises(EngineError, match="shape"):
+            eng.run({"pixels": np.zeros((1, 3, 16, 16), np.float32)})
+        out = eng.run({"pixels": np.zeros((1, 3, 32, 32), np.float64)})  # cast to the input dtype
+        assert out["query_features"].dtype == np.float32
+    with pytest.raises(EngineError, match="closed"):
+        eng.run({"pixels": np.zeros((1, 3, 32, 32), np.float32)})
+
+
+def test_ort_unloadable_gpu_provider_is_detected_from_the_session(image_graph):
+    """The CPU wheel (and onnxruntime-gpu without a driver) falls back to the CPU; that is an error."""
+    import onnxruntime as ort
+
+    active = None
+    try:
+        with OrtEngine(image_graph, "cuda") as eng:
+            active = eng.active_providers
+    except EngineError as e:
+        assert "CUDAExecutionProvider" in str(e) and "fell back" in str(e)
+    else:  # a machine where CUDA really loads
+        assert active[0] == "CUDAExecutionProvider" and "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def test_ort_bad_model_file(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not onnx")
+    with pytest.raises(EngineError, match="cannot load bad.onnx"):
+        OrtEngine(bad)
+    with pytest.raises(EngineError, match="unknown onnxruntime provider"):
+        OrtEngine(bad, "rocm")
+
+
+# -- TensorRT plan sidecars (pure Python) ----------------------------------------------------------
+
+SIDECAR = {"graph": "image_encoder_fp16", "graph_sha256": "ab" * 32, "trt_module": "tensorrt", "trt_version": "10.8.0.43",
+           "sm": "90", "gpu_name": "NVIDIA H100 80GB HBM3", "precision": "fp16",
+           "profile": {"pixels": [[1, 3, 224, 224], [8, 3, 224, 224], [32, 3, 224, 224]]},
+           "inputs": [], "outputs": [], "built": "2026-11-26T00:00:00Z"}
+
+
+def test_sidecar_compatibility():
+    check_compatible(SIDECAR, "10.8.0.43", (9, 0), trt_module="tensorrt")
+    with pytest.raises(EngineError, match=r"built with TensorRT 10\.8\.0\.43, this machine has TensorRT 10\.9\.0"):
+        check_compatible(SIDECAR, "10.9.0", "90")
+    with pytest.raises(EngineError, match=r"built for GPU sm_90 \(NVIDIA H100 80GB HBM3\), this GPU is sm_89"):
+        check_compatible(SIDECAR, "10.8.0.43", "8.9")
+    with pytest.raises(EngineError, match="built by tensorrt, this machine has tensorrt_rtx"):
+        check_compatible(SIDECAR, "10.8.0.43", "90", trt_module="tensorrt_rtx")
+    assert [normalize_sm(s) for s in (90, "90", "9.0", "sm_90", "SM90", (9, 0))] == ["90"] * 6
+
+
+def test_sidecar_files(tmp_path):
+    plan = tmp_path / "engines" / "x.plan"
+    plan.parent.mkdir()
+    plan.write_bytes(b"plan")
+    with pytest.raises(EngineError, match="no sidecar"):
+        read_sidecar(plan)
+    sidecar_path(plan).write_text(json.dumps(SIDECAR))
+    assert sidecar_path(plan).name == "x.plan.json" and read_sidecar(plan)["sm"] == "90"
+    sidecar_path(plan).write_text("{broken")
+    with pytest.raises(EngineError, match="unreadable plan sidecar"):
+        read_sidecar(plan)
+
+
+def test_trt_engine_without_tensorrt_names_the_extra(tmp_path):
+    pytest.importorskip("onnxruntime")
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed here")
+    except ImportError:
+        pass
+    from qks.engines.trt import TrtEngine
+
+    with pytest.raises(EngineError, match=r"pip install 'qks\[tensorrt\]'"):
+        TrtEngine(tmp_path / "x.plan")
+
+
+# -- native TensorRT (needs a GPU and TensorRT 10/11; skipped elsewhere) ---------------------------
+
+def _build_plan(onnx_path, plan_path, max_batch=8):
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    assert parser.parse(onnx_path.read_bytes()), [parser.get_error(i) for i in range(parser.num_errors)]
+    config = builder.create_builder_config()
+    profile = builder.create_optimization_profile()
+    profile.set_shape("pixels", (1, 3, 32, 32), (4, 3, 32, 32), (max_batch, 3, 32, 32))
+    config.add_optimization_profile(profile)
+    plan = builder.build_serialized_network(network, config)
+    assert plan is not None
+    plan_path.write_bytes(bytes(plan))
+    from qks.engines.trt import cuda_device
+
+    dev = cuda_device()
+    sidecar = dict(SIDECAR, graph="image_encoder", trt_version=trt.__version__, sm=dev["sm"], gpu_name=dev["name"],
+                   precision="fp32")
+    sidecar_path(plan_path).write_text(json.dumps(sidecar))
+    return plan_path
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+def test_trt_engine_dynamic_batch_and_cuda_graph(image_graph, tmp_path):
+    from qks.engines.trt import TrtEngine
+
+    plan = _build_plan(image_graph, tmp_path / "image_encoder.plan")
+    x = np.random.default_rng(0).standard_normal((8, 3, 32, 32), dtype=np.float32)
+    with OrtEngine(image_graph, intra_op_threads=1) as ref_engine:
+        ref = ref_engine.run({"pixels": x})["query_features"]
+    with TrtEngine(plan) as eng:
+        assert eng.max_batch == 8 and eng.inputs[0].name == "pixels"
+        for n in (1, 3, 8):
+            np.testing.assert_allclose(eng.run({"pixels": x[:n]})["query_features"], ref[:n], atol=1e-3)
+        with pytest.raises(EngineError, match="outside the plan's profile"):
+            eng.run({"pixels": np.zeros((9, 3, 32, 32), np.float32)})
+    with TrtEngine(plan, cuda_graph=True) as eng:
+        for n in (4, 4, 4, 2, 4, 4):  # capture, replay, another shape, back, replay
+            np.testing.assert_allclose(eng.run({"pixels": x[:n]})["query_features"], ref[:n], atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+def test_trt_engine_refuses_a_plan_for_another_gpu(image_graph, tmp_path):
+    from qks.engines.trt import TrtEngine
+
+    plan = _build_plan(image_graph, tmp_path / "image_encoder.plan")
+    meta = json.loads(sidecar_path(plan).read_text())
+    sidecar_path(plan).write_text(json.dumps(dict(meta, sm="12.7", gpu_name="a future GPU")))
+    with pytest.raises(EngineError, match="built for GPU sm_127"):
+        TrtEngine(plan)
