@@ -29,11 +29,11 @@ def _user_errors():
         raise click.ClickException(str(e)) from None
 
 
-_TRAIN_HELP = """Train the QKS head on the seen labels of a JSONL manifest (DATA).
+_TRAIN_HELP = """Train the QKS head on the seen labels of a JSONL manifest (--data).
 
 The paper's recipe by default: AdamW (lr 1e-5, weight decay 1e-4), batch 64, Cutout + flip +
 RandAugment, ReduceLROnPlateau on the validation score, up to 60 epochs. The validation split is
-carved from DATA; its score is mAP + the sum of F1@K on the seen labels. Writes best.pt, last.pt,
+carved from --data; its score is mAP + the sum of F1@K on the seen labels. Writes best.pt, last.pt,
 metrics.jsonl and run.json to --out; --resume RUNDIR continues a stopped run exactly (losing at most
 the epoch that was running)."""
 
@@ -53,19 +53,23 @@ the epoch that was running)."""
 @click.option("--width", type=int, default=None, help="Head width (default: the backbone's token width).")
 @click.option("--heads", type=int, default=None, help="Attention heads; must divide the width (default 12).")
 @click.option("--ffn", type=int, default=None, help="Feed-forward hidden size (default 3072).")
+@click.option("--dropout", type=float, default=None, help="Dropout in the head (default 0.1).")
+@click.option("--drop-cls", is_flag=True, default=None, help="The head reads the patch tokens only, not CLS.")
 @click.option("--epochs", type=int, default=None, help="Epochs to train (default 60). With --resume: the new total.")
 @click.option("--batch-size", type=int, default=None, help="Images per batch (default 64).")
 @click.option("--lr", type=float, default=None, help="AdamW learning rate (default 1e-5).")
 @click.option("--weight-decay", type=float, default=None, help="AdamW weight decay (default 1e-4).")
 @click.option("--loss", type=click.Choice(LOSS_NAMES), default=None,
               help="asl (default, the paper), bce, their -masked forms that ignore unknown labels, or ranking.")
+@click.option("--plateau-patience", type=int, default=None, help="Epochs without a better validation "
+              "score before the learning rate drops tenfold (default 2).")
 @click.option("--device", default=None, help="auto (default: CUDA if present), cpu, cuda or cuda:N. "
               "Mixed precision (bf16) on CUDA.")
 @click.option("--seed", type=int, default=None, help="Seed of the split, the head's init, shuffling and "
               "augmentation (default 0).")
 @click.option("--cached-tokens", is_flag=True, default=None, help="Compute the backbone's image tokens once "
               "(eval transform, no augmentation) into RUNDIR/tokens.npy: practical CPU training.")
-@click.option("--val-fraction", type=float, default=None, help="Share of DATA held out for validation "
+@click.option("--val-fraction", type=float, default=None, help="Share of --data held out for validation "
               "(default 0.05, at most 20,000 images; 0 = none: no schedule, best.pt is the last epoch).")
 @click.option("--prompts", default=None, help="Prompt pool: 'default' (80 CLIP templates + 5 scene ones) or "
               "a text file, one template with {} a line.")
@@ -99,7 +103,7 @@ def train_main(resume, quiet, **given):
     click.echo(f"done: {summary.get('epoch')} epoch(s), best validation score {summary['best_score']:.4f}")
 
 
-_EVAL_HELP = """Evaluate a checkpoint on a test manifest (DATA): ZSL (unseen labels, images with an
+_EVAL_HELP = """Evaluate a checkpoint on a test manifest (--data): ZSL (unseen labels, images with an
 unseen positive) and GZSL (all labels, images with a positive) mAP and F1@K, as a table and JSON."""
 
 

@@ -61,7 +61,7 @@ def predict(model, loader, label_embeddings: torch.Tensor, device: torch.device,
         inputs = inputs.to(device, non_blocking=True)
         with autocast(device, amp):
             qf = model.query_features_from_tokens(inputs) if from_tokens else model.query_features(inputs)
-            logits = model.logits(qf.float(), emb)
+        logits = model.logits(qf.float(), emb)  # scoring in fp32: raw dot products, magnitudes matter
         probs.append(torch.sigmoid(logits.float()).cpu().numpy())
         targets.append(t.numpy())
     model.train(was_training)

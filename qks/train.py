@@ -359,7 +359,7 @@ def train(options: TrainOptions | None = None, resume: str | Path | None = None,
             inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             with autocast(device, o.amp):
                 qf = model.query_features_from_tokens(inputs) if o.cached_tokens else model.query_features(inputs)
-                logits = model.logits(qf.float(), emb)
+            logits = model.logits(qf.float(), emb)  # fp32 scoring and loss
             loss = loss_fn(logits.float(), targets)
             if not torch.isfinite(loss):
                 raise TrainError(f"epoch {epoch + 1}: the loss is {loss.item()} (lower --lr?)")
