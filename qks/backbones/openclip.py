@@ -111,6 +111,12 @@ class OpenClipBackbone(nn.Module):
             self._text_fp = module_fingerprint(text_state)
         return self._text_fp
 
+    def tokenizer_json(self) -> str:
+        """open_clip's tokenizer as Hugging Face `tokenizers` JSON (see `clip_tokenizer`)."""
+        from .clip_tokenizer import build_clip_tokenizer_json
+
+        return build_clip_tokenizer_json(self._tokenizer)
+
 
 def create(arg: str, spec: str) -> OpenClipBackbone:
     # `arg` is "<arch>[:<pretrained>]"; an arch path may itself contain no colon but a pretrained
