@@ -1,7 +1,9 @@
 """Evaluation: score images against label embeddings through `QKSModel`, then ZSL / GZSL metrics.
 
-`predict` is the one place a batch of images (or cached image tokens) becomes probabilities; the
+`predict` is the one place a batch of images (or cached image tokens) becomes logits; the
 training loop's validation and `qks-eval` both use it, and the runtime is compared against it.
+Metrics rank logits, not probabilities: float32 sigmoid saturates to exactly 1.0 above a logit of
+about 17, and raw dot-product logits get there, which would turn confident labels into ties.
 """
 
 from __future__ import annotations
@@ -49,26 +51,26 @@ def autocast(device: torch.device, enabled: bool = True):
 @torch.no_grad()
 def predict(model, loader, label_embeddings: torch.Tensor, device: torch.device, from_tokens: bool = False,
             amp: bool = True, progress: bool = False, desc: str = "scoring") -> tuple[np.ndarray, np.ndarray]:
-    """(probabilities float32 [N, L], targets int8 [N, L]) for every batch `(inputs, targets)` of
-    `loader`; inputs are pixels, or image tokens when `from_tokens`."""
+    """(logits float32 [N, L], targets int8 [N, L]) for every batch `(inputs, targets)` of `loader`;
+    inputs are pixels, or image tokens when `from_tokens`. Probabilities are sigmoid(logits)."""
     from tqdm import tqdm
 
     was_training = model.training
     model.eval()
     emb = label_embeddings.to(device)
-    probs, targets = [], []
+    logits_all, targets = [], []
     for inputs, t in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress):
         inputs = inputs.to(device, non_blocking=True)
         with autocast(device, amp):
             qf = model.query_features_from_tokens(inputs) if from_tokens else model.query_features(inputs)
         logits = model.logits(qf.float(), emb)  # scoring in fp32: raw dot products, magnitudes matter
-        probs.append(torch.sigmoid(logits.float()).cpu().numpy())
+        logits_all.append(logits.float().cpu().numpy())
         targets.append(t.numpy())
     model.train(was_training)
     n_labels = emb.shape[0]
-    if not probs:
+    if not logits_all:
         return np.zeros((0, n_labels), np.float32), np.zeros((0, n_labels), np.int8)
-    return np.concatenate(probs), np.concatenate(targets)
+    return np.concatenate(logits_all), np.concatenate(targets)
 
 
 @dataclass
@@ -76,7 +78,7 @@ class EvalResult:
     report: dict  # JSON-ready: zsl and gzsl metrics, counts, settings
     images: list[str]  # the manifest's image strings, in order
     labels: list[str]  # seen + unseen, the score columns
-    probabilities: np.ndarray  # [images, labels] float32
+    logits: np.ndarray  # [images, labels] float32; probabilities are sigmoid(logits)
 
 
 def evaluate(ckpt: str | Path, data: str | Path, seen: str | Path | None = None, unseen: str | Path | None = None,
@@ -113,9 +115,9 @@ def evaluate(ckpt: str | Path, data: str | Path, seen: str | Path | None = None,
     dataset = ManifestDataset(manifest.samples, labels, eval_transform(model.backbone.preprocess))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                                          pin_memory=dev.type == "cuda")
-    probs, targets = predict(model, loader, emb, dev, amp=amp, progress=progress)
+    logits, targets = predict(model, loader, emb, dev, amp=amp, progress=progress)
     unseen_mask = np.array([False] * len(seen_labels) + [True] * len(unseen_labels))
-    metrics = zsl_gzsl_report(probs, targets, unseen_mask, topk)
+    metrics = zsl_gzsl_report(logits, targets, unseen_mask, topk)
     if not unseen_labels:
         metrics["zsl"] = None
     report = {
@@ -129,7 +131,7 @@ def evaluate(ckpt: str | Path, data: str | Path, seen: str | Path | None = None,
         "units": "fractions in [0, 1]",
         **metrics,
     }
-    return EvalResult(report, [s.image for s in manifest.samples], labels, probs)
+    return EvalResult(report, [s.image for s in manifest.samples], labels, logits)
 
 
 def read_label_lists_pair(seen_labels: list[str], unseen: str | Path) -> tuple[list[str], list[str]]:
@@ -148,8 +150,9 @@ def write_predictions(path: str | Path, result: EvalResult) -> Path:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as f:
-        for image, row in zip(result.images, result.probabilities, strict=True):
-            scores = {label: float(p) for label, p in zip(result.labels, row, strict=True)}
+        for image, row in zip(result.images, result.logits, strict=True):
+            probs = 1.0 / (1.0 + np.exp(-row.astype(np.float64)))
+            scores = {label: float(p) for label, p in zip(result.labels, probs, strict=True)}
             f.write(json.dumps({"image": image, "scores": scores}, ensure_ascii=False) + "\n")
     tmp.replace(path)
     return path

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -241,12 +242,12 @@ def _loader(dataset, batch_size: int, order: list[int] | None, workers: int, see
                                        persistent_workers=False)
 
 
-def validation_metrics(probs: np.ndarray, targets: np.ndarray, topk: tuple[int, ...]) -> dict:
+def validation_metrics(scores: np.ndarray, targets: np.ndarray, topk: tuple[int, ...]) -> dict:
     images, _ = gzsl_selection(targets)  # held-out images with at least one seen positive
     if len(images) == 0:
         return {"images": 0, "map": 0.0, "map_labels_with_positives": float("nan"),
                 **{f"f1@{k}": 0.0 for k in topk}, "score": 0.0}
-    p, t = probs[images], targets[images]
+    p, t = scores[images], targets[images]
     m = mean_average_precision(p, t)
     out = {"images": int(len(images)), "map": m.map, "map_labels_with_positives": m.map_labels_with_positives}
     for k in topk:
@@ -275,7 +276,10 @@ def train(options: TrainOptions | None = None, resume: str | Path | None = None,
         start_epoch, best_score = int(train_state["epoch"]), float(train_state["best_score"])
     else:
         assert options is not None
-        o = options
+        # Absolute paths, so that --resume works from any working directory.
+        o = dataclasses.replace(options, **{
+            k: os.path.abspath(getattr(options, k)) for k in ("data", "seen", "unseen", "out", "prompts")
+            if getattr(options, k) and not (k == "prompts" and options.prompts == "default")})
         out = Path(o.out)
         if (out / "last.pt").exists():
             raise TrainError(f"{out} already holds a run (last.pt): pass --resume {out} or another --out")
@@ -375,9 +379,9 @@ def train(options: TrainOptions | None = None, resume: str | Path | None = None,
                   "lr": optimizer.param_groups[0]["lr"]}
         if len(val_ds):
             val_loader = _loader(val_ds, o.batch_size, None, workers, 0, device)
-            probs, targets = predict(model, val_loader, emb, device, from_tokens=o.cached_tokens, amp=o.amp,
+            logits, targets = predict(model, val_loader, emb, device, from_tokens=o.cached_tokens, amp=o.amp,
                                      progress=progress, desc="validating")
-            val = validation_metrics(probs, targets, topk)
+            val = validation_metrics(logits, targets, topk)
             score = val["score"]
             scheduler.step(score)
         else:  # no validation split: no schedule, best.pt is the latest epoch
