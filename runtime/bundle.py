@@ -86,6 +86,11 @@ class Bundle:
         for key in ("model", "preprocess", "graphs"):
             if not isinstance(m.get(key), dict):
                 raise BundleError(f"manifest has no {key!r} section")
+        fixed = {"channels": "RGB", "layout": "NCHW", "crop": "center", "value_range": [0.0, 1.0]}
+        for key, supported in fixed.items():  # fields this runtime implements one way only
+            if key in m["preprocess"] and m["preprocess"][key] != supported:
+                raise BundleError(f"manifest preprocess {key}={m['preprocess'][key]!r} is not supported "
+                                  f"(this runtime does {supported!r})")
         try:
             self.preprocess = Preprocess.from_dict(m["preprocess"])
         except (KeyError, TypeError, ValueError) as e:

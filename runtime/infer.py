@@ -223,10 +223,14 @@ def run_folder(images: str | Path, engine, bank, preprocess: Preprocess, out: st
     if out is not None and out.exists() and out.stat().st_size > 0:
         if opts.resume:
             if meta_path.is_file():
-                old = json.loads(meta_path.read_text(encoding="utf-8"))
-                for k in ("format", "all_scores", "bank_key"):
-                    if k in old and meta and k in meta and old[k] != meta[k]:
-                        raise InferError(f"{out}: was written with {k}={old[k]!r}, this run has {meta[k]!r}; "
+                try:
+                    old = json.loads(meta_path.read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    old = {}
+                now = {"format": opts.fmt, "all_scores": opts.all_scores, "bank_key": getattr(bank, "key", None)}
+                for k, v in now.items():
+                    if old.get(k) is not None and v is not None and old[k] != v:
+                        raise InferError(f"{out}: was written with {k}={old[k]!r}, this run has {v!r}; "
                                          "not resuming into it")
             done = done_images(out, opts.fmt, header_cols)
             append = True
@@ -245,7 +249,7 @@ def run_folder(images: str | Path, engine, bank, preprocess: Preprocess, out: st
     mode, k = scoring
 
     info = dict(meta or {})
-    info.update(format=opts.fmt, all_scores=opts.all_scores, top_k=opts.top_k, threshold=threshold,
+    info.update(format=opts.fmt, all_scores=opts.all_scores, bank_key=getattr(bank, "key", None), top_k=opts.top_k, threshold=threshold,
                 batch_size=batch_size, workers=workers, images=str(root), output=str(out) if out else "-",
                 images_found=len(all_images), skipped_already_done=summary.skipped, status="running",
                 started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
