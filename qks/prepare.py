@@ -323,12 +323,36 @@ def main():
 
 
 _root = click.option("--root", required=True, type=click.Path(exists=True, file_okay=False),
-                     help="The unpacked release (see the layout in `qks.prepare`'s documentation).")
+                     help="The unpacked release (its expected layout is above).")
 _out = click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write into.")
 _quiet = click.option("--quiet", is_flag=True, help="No progress bars.")
 
 
-@main.command(help="NUS-WIDE: 925 seen tags / 81 unseen concepts; unlisted labels are negative.")
+_NUSWIDE_HELP = """NUS-WIDE: 925 seen tags / 81 unseen concepts; unlisted labels are negative.
+
+\b
+Expects under --root (the official release):
+  Concepts81.txt
+  NUS_WID_Tags/TagList1k.txt, Train_Tags1k.dat, Test_Tags1k.dat
+  ImageList/TrainImagelist.txt, TestImagelist.txt
+  Groundtruth/TrainTestLabels/Labels_<concept>_Test.txt
+  Flickr/<category>/<image>.jpg
+"""
+
+_OPENIMAGES_HELP = """Open Images V4: 7,186 trainable seen / 400 unseen labels; human-verified image
+labels (confidence 1 positive, 0 negative), the rest unknown.
+
+\b
+Expects under --root (the 2018_04 release, as the LESA/BiAM code lays it out):
+  2018_04/class-descriptions.csv, 2018_04/classes-trainable.txt
+  2018_04/train/train-annotations-human-imagelabels.csv
+  2018_04/test/test-annotations-human-imagelabels.csv
+  2018_04/unseen_labels.pkl + top_400_unseen.csv (or --unseen-list)
+  train/**/<ImageID>.jpg, test/**/<ImageID>.jpg
+"""
+
+
+@main.command(help=_NUSWIDE_HELP)
 @_root
 @_out
 @_quiet
@@ -339,8 +363,7 @@ def nuswide(root, out, quiet):
         raise click.ClickException(str(e)) from None
 
 
-@main.command(help="Open Images V4: 7,186 trainable seen / 400 unseen labels; human-verified image "
-              "labels (1 positive, 0 negative), the rest unknown.")
+@main.command(help=_OPENIMAGES_HELP)
 @_root
 @_out
 @click.option("--unseen-list", type=click.Path(exists=True, dir_okay=False),
