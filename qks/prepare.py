@@ -7,7 +7,7 @@ Flickr, and many links are dead) are left out and counted.
 
 NUS-WIDE (the layout of the official release, as the QKS reference code reads it):
 
-    ROOT/Concepts81.txt                                   the 81 concepts (unseen labels)
+    ROOT/Concepts81.txt (or ConceptsList/Concepts81.txt)  the 81 concepts (unseen labels)
     ROOT/NUS_WID_Tags/TagList1k.txt                       the 1,000 tags
     ROOT/NUS_WID_Tags/Train_Tags1k.dat, Test_Tags1k.dat   0/1 matrices, a row per image
     ROOT/ImageList/TrainImagelist.txt, TestImagelist.txt  image paths (Windows separators)
@@ -116,7 +116,11 @@ def _matrix_rows(path: Path, width: int, quiet: bool):
 
 def prepare_nuswide(root: str | Path, out: str | Path, quiet: bool = True) -> dict:
     root, out = Path(root), Path(out)
-    concepts = _lines(root / "Concepts81.txt")
+    # The release ships it in ConceptsList/; the reference code expects it at the root: take either.
+    concepts_file = root / "Concepts81.txt"
+    if not concepts_file.is_file() and (root / "ConceptsList" / "Concepts81.txt").is_file():
+        concepts_file = root / "ConceptsList" / "Concepts81.txt"
+    concepts = _lines(concepts_file)
     tags = _lines(root / "NUS_WID_Tags" / "TagList1k.txt")
     concept_set = set(concepts)
     seen = [t for t in tags if t not in concept_set]
@@ -332,7 +336,7 @@ _NUSWIDE_HELP = """NUS-WIDE: 925 seen tags / 81 unseen concepts; unlisted labels
 
 \b
 Expects under --root (the official release):
-  Concepts81.txt
+  Concepts81.txt (or ConceptsList/Concepts81.txt)
   NUS_WID_Tags/TagList1k.txt, Train_Tags1k.dat, Test_Tags1k.dat
   ImageList/TrainImagelist.txt, TestImagelist.txt
   Groundtruth/TrainTestLabels/Labels_<concept>_Test.txt

@@ -85,6 +85,9 @@ def test_nuswide(nuswide):
 
 
 def test_nuswide_outside_out_writes_absolute_paths(nuswide, tmp_path):
+    # The concept list where the release's ConceptsList.zip puts it.
+    (nuswide / "ConceptsList").mkdir()
+    (nuswide / "Concepts81.txt").rename(nuswide / "ConceptsList" / "Concepts81.txt")
     out = tmp_path / "prepared"
     assert run(["nuswide", "--root", str(nuswide), "--out", str(out), "--quiet"]).exit_code == 0
     first = jsonl(out / "train.jsonl")[0]["image"]
