@@ -186,3 +186,49 @@ def test_trt_engine_refuses_a_plan_for_another_gpu(image_graph, tmp_path):
     sidecar_path(plan).write_text(json.dumps(dict(meta, sm="12.7", gpu_name="a future GPU")))
     with pytest.raises(EngineError, match="built for GPU sm_127"):
         TrtEngine(plan)
+
+
+# -- backend selection -----------------------------------------------------------------------------
+
+def test_auto_backend_says_what_it_picked_and_why(runtime_bundle):
+    from qks.runtime.backend import select_backend
+    from qks.runtime.bundle import Bundle
+
+    engine, reason = select_backend(Bundle.load(runtime_bundle), "auto", threads=1)
+    with engine:
+        assert "\n" not in reason
+        if engine.backend == "ort-cpu":  # this machine: no GPU, no TensorRT
+            assert reason.startswith("auto: picked ort-cpu (image_encoder.onnx, threads=1) because tensorrt: ")
+            assert "ort-cuda: " in reason
+        x = np.zeros((2, 3, 32, 32), np.float32)
+        assert engine.run({"pixels": x})["query_features"].shape == (2, 4, 32)
+
+
+def test_named_backend_that_cannot_run_is_an_error(bundle_copy):
+    from qks.runtime.backend import select_backend
+    from qks.runtime.bundle import Bundle
+    from qks.runtime.manifest import file_record, write_manifest
+
+    b = Bundle.load(bundle_copy)
+    with pytest.raises(EngineError, match="backend tensorrt cannot run: the bundle has no TensorRT plan"):
+        select_backend(b, "tensorrt")
+    with pytest.raises(EngineError, match="unknown backend"):
+        select_backend(b, "cuda")
+    # a bundle with a plan: on a machine without TensorRT the message names the extra
+    (bundle_copy / "engines").mkdir()
+    (bundle_copy / "engines" / "image_encoder.plan").write_bytes(b"plan bytes")
+    (bundle_copy / "engines" / "image_encoder.plan.json").write_text(json.dumps(SIDECAR))
+    m = json.loads((bundle_copy / "manifest.json").read_text())
+    for rel in ("engines/image_encoder.plan", "engines/image_encoder.plan.json"):
+        m["files"][rel] = file_record(bundle_copy, rel)
+    m["engines"] = [{"file": "engines/image_encoder.plan", "graph": "image_encoder", "precision": "fp32"}]
+    write_manifest(bundle_copy, m)
+    b = Bundle.load(bundle_copy)
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        with pytest.raises(EngineError, match=r"TensorRT is not installed: pip install 'qks\[tensorrt\]'"):
+            select_backend(b, "tensorrt")
+        engine, reason = select_backend(b, "auto", threads=1)
+        engine.close()
+        assert "tensorrt: TensorRT is not installed" in reason

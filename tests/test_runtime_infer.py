@@ -187,3 +187,39 @@ def test_qks_infer_bad_input_is_one_line(runtime_bundle, photo_dir, tmp_path, ar
     err = [ln for ln in res.stderr.splitlines() if ln.startswith("qks-infer: error:")]
     assert len(err) == 1 and message in err[0], res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_killed_run_resumes_to_the_same_output(runtime_bundle, photo_dir, tmp_path):
+    """SIGKILL a real qks-infer mid-run, then --resume: every image exactly once, same records."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    images = tmp_path / "many"
+    images.mkdir()
+    for i in range(300):
+        shutil.copy(photo_dir / "astronaut.jpg", images / f"img{i:03d}.jpg")
+    (images / "img150.jpg").write_bytes(b"junk")
+    common = ["--bundle", str(runtime_bundle), "--threads", "1", "--workers", "1", "--batch-size", "1",
+              "--no-progress", "--all-scores"]
+    killed = tmp_path / "killed.jsonl"
+    code = BLOCK_TORCH + (  # noqa: F405
+        f"sys.argv = ['qks-infer', {str(images)!r}, '--out', {str(killed)!r}] + {common!r}\n"
+        "from qks.runtime.cli import infer_main\ninfer_main()\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not killed.exists() or killed.read_text().count("\n") < 20):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    n_before = killed.read_text().count("\n")
+    assert 20 <= n_before < 301, "the run finished before it could be killed"
+    res = run_blocked("infer", [str(images), "--out", str(killed), "--resume", *common])  # noqa: F405
+    assert res.returncode == 1, res.stderr  # img150 is junk
+    full = tmp_path / "full.jsonl"
+    res = run_blocked("infer", [str(images), "--out", str(full), *common])  # noqa: F405
+    assert res.returncode == 1, res.stderr
+    assert killed.read_text(encoding="utf-8") == full.read_text(encoding="utf-8")
+    assert len(read_jsonl(killed)) == 300  # noqa: F405
