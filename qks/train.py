@@ -285,7 +285,11 @@ def train(options: TrainOptions | None = None, resume: str | Path | None = None,
             raise TrainError(f"{out} already holds a run (last.pt): pass --resume {out} or another --out")
     _check_options(o)
 
-    # Data: validated before anything expensive happens.
+    # Inputs are validated before anything expensive happens.
+    try:
+        templates = load_prompts(o.prompts)
+    except (OSError, ValueError) as e:
+        raise TrainError(f"prompt pool: {_first_line(e)}") from None
     seen, unseen = read_label_lists(o.seen, o.unseen)
     manifest = read_manifest(o.data, seen + unseen, skip_bad=o.skip_bad, progress=progress)
     if manifest.skipped:
@@ -307,10 +311,6 @@ def train(options: TrainOptions | None = None, resume: str | Path | None = None,
         model = QKSModel(cfg, backbone).to(device)
     except ValueError as e:
         raise TrainError(f"bad head configuration: {e}") from None
-    try:
-        templates = load_prompts(o.prompts)
-    except (OSError, ValueError) as e:
-        raise TrainError(f"prompt pool: {_first_line(e)}") from None
     out.mkdir(parents=True, exist_ok=True)  # only now: bad input leaves no half-made run directory
     emb = LabelEmbedder(model.backbone, templates, cache_dir=out / "label_cache")(seen).to(device)
     loss_fn = get_loss(o.loss)

@@ -232,6 +232,7 @@ def test_user_errors_are_one_line(ds, cached_run, tmp_path):
         (train_main, ["--resume", str(tmp_path / "nothing")], "checkpoint not found"),
         (train_main, ["--data", str(ds / "train.jsonl")], "missing --seen, --out"),
         (train_main, train_args(ds, tmp_path / "r", "--heads", "5"), "bad head configuration"),
+        (train_main, [*train_args(ds, tmp_path / "r1"), "--prompts", str(tmp_path / "no.txt")], "prompt pool"),
         (train_main, [*train_args(ds, tmp_path / "r2"), "--backbone", "openclip:NoSuchArch:none"],
          "cannot build backbone"),
         (eval_main, ["--ckpt", str(tmp_path / "none.pt"), "--data", str(ds / "test.jsonl")], "checkpoint not found"),
