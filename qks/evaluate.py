@@ -120,7 +120,7 @@ def evaluate(ckpt: str | Path, data: str | Path, seen: str | Path | None = None,
     metrics = zsl_gzsl_report(logits, targets, unseen_mask, topk)
     if not unseen_labels:
         metrics["zsl"] = None
-    report = {
+    report = json_safe({
         "checkpoint": str(ckpt_path),
         "data": str(data),
         "images": len(manifest.samples),
@@ -130,7 +130,7 @@ def evaluate(ckpt: str | Path, data: str | Path, seen: str | Path | None = None,
         "ties": "pessimistic (non-positives rank first among equal scores)",
         "units": "fractions in [0, 1]",
         **metrics,
-    }
+    })
     return EvalResult(report, [s.image for s in manifest.samples], labels, logits)
 
 
@@ -181,6 +181,17 @@ def format_table(report: dict) -> str:
     lines.append("percent; mAP: labels without a positive count as 0; mAP+: over labels with positives only; "
                  "F1@K micro")
     return "\n".join(lines)
+
+
+def json_safe(obj):
+    """NaN (a metric with nothing to average) as null, so the JSON is valid everywhere."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def _first_line(e: BaseException) -> str:

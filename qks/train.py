@@ -37,7 +37,7 @@ from .backbones import create_backbone, module_fingerprint
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import RECIPES, HeadConfig, ModelConfig
 from .data import Manifest, ManifestDataset, read_label_lists, read_manifest
-from .evaluate import DEFAULT_TOPK, autocast, predict, resolve_device
+from .evaluate import DEFAULT_TOPK, autocast, json_safe, predict, resolve_device
 from .losses import LOSSES, get_loss
 from .metrics import f1_at_k, gzsl_selection, mean_average_precision
 from .model import QKSModel
@@ -394,7 +394,7 @@ def train(options: TrainOptions | None = None, resume: str | Path | None = None,
         if improved:
             save_checkpoint(out / "best.pt", model, seen, unseen, templates, train_state=light)
         with metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(json_safe(record)) + "\n")
         save_checkpoint(out / "last.pt", model, seen, unseen, templates, train_state={
             **light, "best_score": best_score, "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "rng": rng_state(), "manifest_sha256": manifest_sha,

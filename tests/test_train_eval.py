@@ -145,6 +145,13 @@ def test_eval_reports_every_metric_and_writes_predictions(ds, cached_run, tmp_pa
                            "--topk", "5", "--workers", "0", "--quiet"])
     assert again.output.splitlines()[1:3] == result.output.splitlines()[1:3]
 
+    # No image with an unseen positive: ZSL is empty, and the JSON stays valid (null, not NaN).
+    ok(eval_main, ["--ckpt", str(cached_run), "--data", str(ds / "train.jsonl"), "--out", str(report),
+                   "--workers", "0", "--quiet"])
+    assert "NaN" not in report.read_text()
+    rep = json.loads(report.read_text())
+    assert rep["zsl"]["images"] == 0 and rep["zsl"]["map_labels_with_positives"] is None
+
 
 def test_resume_after_epoch_one_equals_uninterrupted(ds, tmp_path):
     # From images, with augmentation in a loader worker: their seeds must follow the epoch too.
