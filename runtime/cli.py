@@ -45,11 +45,13 @@ def _one_line_warnings(prog: str):
     warnings.showwarning = show
 
 
-def _bank(bundle: Bundle, labels: str | None, bank: str | None, threads: int | None) -> LabelBank:
+def _bank(bundle: Bundle, labels: str | None, bank: str | None, threads: int | None, provider: str = "cpu",
+          progress: bool = True) -> LabelBank:
     if labels and bank:
         raise LabelError("give --labels or --bank, not both")
     if labels:
-        return LabelBank.for_labels(bundle, read_label_file(labels), threads=threads)
+        return LabelBank.for_labels(bundle, read_label_file(labels), threads=threads, provider=provider,
+                                    progress=progress)
     return LabelBank.from_bundle(bundle, bank)
 
 
@@ -86,9 +88,14 @@ def _infer(images, labels, bundle_dir, bank, backend, batch_size, workers, threa
         fmt = "csv" if out is not None and out.suffix.lower() == ".csv" else "jsonl"
     try:
         bundle = Bundle.load(bundle_dir, verify=not no_verify)
-        label_bank = _bank(bundle, labels, bank, threads)
         engine, reason = select_backend(bundle, backend, threads=threads)
         click.echo(f"{prog}: backend {reason}", err=True)
+        try:  # new labels are encoded on the GPU when the images run on one
+            label_bank = _bank(bundle, labels, bank, threads, "cpu" if engine.backend == "ort-cpu" else "cuda",
+                               not no_progress)
+        except BaseException:
+            engine.close()
+            raise
         meta = {"qks": _version(), "bundle": str(bundle.root), "backend": engine.backend, "backend_reason": reason,
                 "bank": label_bank.source, "bank_key": label_bank.key, "labels": len(label_bank)}
         opts = InferOptions(batch_size=batch_size, workers=workers, top_k=top_k, threshold=threshold,
@@ -113,14 +120,17 @@ def _infer(images, labels, bundle_dir, bank, backend, batch_size, workers, threa
 @click.option("--name", required=True, help="Bank name: stored as labels/NAME.npy in the bundle.")
 @click.option("--threads", type=click.IntRange(1), help="ONNX Runtime intra-op threads.")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True, help="Prompts per run.")
-def _labels(bundle_dir, labels, name, threads, batch_size):
+@click.option("--device", "provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Run the label encoder on ONNX Runtime CPU or CUDA (falls back to the CPU).")
+def _labels(bundle_dir, labels, name, threads, batch_size, provider):
     """Encode a label list into a label bank stored in the bundle (no re-export needed)."""
     prog = "qks-labels"
     _one_line_warnings(prog)
     try:
         bundle = Bundle.load(bundle_dir)
         names = read_label_file(labels)
-        bank = LabelBank.for_labels(bundle, names, threads=threads, batch_size=batch_size)
+        bank = LabelBank.for_labels(bundle, names, threads=threads, batch_size=batch_size, provider=provider,
+                                    progress=True)
         path = save_bank(bundle, name, bank)
     except KeyboardInterrupt:
         _fail(prog, "interrupted", 130)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -101,7 +102,8 @@ class LabelBank:
 
     @classmethod
     def for_labels(cls, bundle: Bundle, names: list[str], *, cache: bool = True, cache_dir: str | Path | None = None,
-                   batch_size: int = 64, threads: int | None = None, engine=None) -> LabelBank:
+                   batch_size: int = 64, threads: int | None = None, engine=None, provider: str = "cpu",
+                   progress: bool = False) -> LabelBank:
         """The bank for `names`: a bundle bank or cached bank with the same key, else encode and cache."""
         names = list(names)
         if not names:
@@ -118,7 +120,8 @@ class LabelBank:
                 bank = _read_cached(d, key, names)
                 if bank is not None:
                     return bank
-        emb = encode_labels(bundle, names, batch_size=batch_size, threads=threads, engine=engine)
+        emb = encode_labels(bundle, names, batch_size=batch_size, threads=threads, engine=engine, provider=provider,
+                            progress=progress)
         bank = cls(names, emb, key, "computed")
         if cache:
             for d in dirs:
@@ -190,8 +193,9 @@ def _atomic_save(path: Path, data: bytes) -> None:
         raise
 
 
-def tokenize(bundle: Bundle, texts: list[str]) -> np.ndarray:
-    """Token ids int64 [N, T] from the bundle's tokenizer.json (which pads/truncates to T)."""
+def tokenize(bundle: Bundle, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids and attention mask, int64 [N, T], from the bundle's tokenizer.json (which pads and
+    truncates to T)."""
     from tokenizers import Tokenizer
 
     try:
@@ -203,29 +207,45 @@ def tokenize(bundle: Bundle, texts: list[str]) -> np.ndarray:
     lengths = {len(e.ids) for e in encs}
     if len(lengths) > 1 or (t is not None and lengths != {t}):
         raise BundleError(f"tokenizer.json does not pad/truncate to the context length {t} (got lengths {sorted(lengths)})")
-    return np.asarray([e.ids for e in encs], dtype=np.int64)
+    return (np.asarray([e.ids for e in encs], dtype=np.int64),
+            np.asarray([e.attention_mask for e in encs], dtype=np.int64))
+
+
+def label_engine(bundle: Bundle, provider: str = "cpu", threads: int | None = None):
+    """An OrtEngine for the label encoder; provider "cuda" falls back to the CPU if CUDA cannot load."""
+    from ..engines.base import EngineError
+    from ..engines.ort import OrtEngine
+
+    path = bundle.graph(LABEL_GRAPH).path
+    if provider == "cuda":
+        try:
+            return OrtEngine(path, "cuda")
+        except EngineError:
+            pass
+    return OrtEngine(path, "cpu", intra_op_threads=threads)
 
 
 def encode_labels(bundle: Bundle, names: list[str], *, batch_size: int = 64, threads: int | None = None,
-                  engine=None) -> np.ndarray:
+                  engine=None, provider: str = "cpu", progress: bool = False) -> np.ndarray:
     """[L, D] float32: per label, the mean over the prompt pool of the label encoder's text features."""
     templates = bundle.prompts()
     prompts = [t.format(label) for label in names for t in templates]
-    ids = tokenize(bundle, prompts)
+    ids, mask = tokenize(bundle, prompts)
     own = engine is None
     if own:
-        from ..engines.ort import OrtEngine
-
-        engine = OrtEngine(bundle.graph(LABEL_GRAPH).path, "cpu", intra_op_threads=threads)
+        engine = label_engine(bundle, provider, threads)
     try:
+        from tqdm import tqdm
+
         in_names = [i.name for i in engine.inputs]
         out_name = engine.outputs[0].name
         feats = []
-        for i in range(0, len(ids), batch_size):
-            chunk = ids[i:i + batch_size]
-            feeds = {"token_ids": chunk}
+        starts = range(0, len(ids), batch_size)
+        for i in tqdm(starts, desc="encoding labels", unit="batch", file=sys.stderr,
+                      disable=not progress or len(starts) < 2, leave=False):
+            feeds = {"token_ids": ids[i:i + batch_size]}
             if "attention_mask" in in_names:
-                feeds["attention_mask"] = (chunk != 0).astype(np.int64)
+                feeds["attention_mask"] = mask[i:i + batch_size]
             feats.append(engine.run(feeds)[out_name])
     finally:
         if own:
