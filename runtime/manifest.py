@@ -32,6 +32,21 @@ embedding is the mean of text_features over the label's prompts (`template.forma
 
 Every path is relative, POSIX-style, inside the bundle: no absolute paths, no `..`, no
 backslashes. Readers refuse anything else, and any schema_version they do not know.
+
+Optional, read by the runtime (added after schema_version 1 was first written; absent is fine):
+- "default_bank": name — the bank `qks-infer` uses without --labels/--bank. Without it: the bank
+  named "default", else the only bank.
+- "preprocess" may also carry "channels": "RGB", "layout": "NCHW", "crop": "center",
+  "value_range": [0, 1]; the runtime implements exactly these and refuses other values.
+- TensorRT plans: each `engines/<name>.plan` has a JSON sidecar `engines/<name>.plan.json` (also
+  listed in "files") with "graph", "graph_sha256", "trt_module" ("tensorrt" or
+  "tensorrt_rtx"), "trt_version" (the module's __version__), "sm" (compute capability, "90"),
+  "gpu_name", "precision", "profile" ({input: [min, opt, max] shapes}), "inputs", "outputs",
+  "built". The runtime refuses a plan whose trt_module/trt_version/sm differ from the machine's.
+- `labels/cache/<bank_key>.npy|.txt`: label banks the runtime computed for new label lists. Not in
+  "files" (a cache, not part of the export); found by key, checked against their names, and
+  recomputed if damaged. `qks-labels --name N` instead adds labels/N.npy + labels/N.txt to
+  "label_banks" and "files".
 """
 
 from __future__ import annotations
