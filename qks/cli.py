@@ -26,7 +26,15 @@ def _user_errors():
     except (ManifestError, TrainError, EvalError, CheckpointError) as e:
         raise click.ClickException(str(e)) from None
     except OSError as e:  # an image that cannot be decoded mid-run, a full disk, ...
-        raise click.ClickException(str(e)) from None
+        raise click.ClickException(_last_line(str(e))) from None
+
+
+def _last_line(message: str) -> str:
+    """A DataLoader worker's error carries the worker's traceback; its last line is the error."""
+    if "Original Traceback" in message:
+        lines = [ln for ln in message.strip().splitlines() if ln.strip()]
+        return lines[-1].split(": ", 1)[-1] if lines else message
+    return message
 
 
 _TRAIN_HELP = """Train the QKS head on the seen labels of a JSONL manifest (--data).

@@ -225,6 +225,19 @@ def test_bad_manifest_is_one_clear_line_per_problem(ds, tmp_path):
     assert "warning: skipped 3 bad line(s)" in result.output
 
 
+def test_image_that_breaks_mid_run_is_one_line(ds, tmp_path):
+    """A truncated file passes the header check; decoding it in a loader worker fails cleanly."""
+    data = (tmp_path / "img" / "t.png")
+    data.parent.mkdir()
+    data.write_bytes((ds / "img" / "0.png").read_bytes()[:200])
+    manifest = write(tmp_path / "m.jsonl", [json.dumps({"image": "img/t.png", "labels": ["red"]})] * 1)
+    args = train_args(ds, tmp_path / "run", "--epochs", "1", "--val-fraction", "0", "--workers", "1")
+    args[args.index("--data") + 1] = str(manifest)
+    result = invoke(train_main, args)
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1].startswith(f"Error: cannot read image {data}")
+
+
 def test_empty_manifest(ds, tmp_path):
     args = train_args(ds, tmp_path / "run", "--epochs", "1")
     args[args.index("--data") + 1] = str(write(tmp_path / "empty.jsonl", [""]))
