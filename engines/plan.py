@@ -19,17 +19,17 @@ SIDECAR_FIELDS = ("graph", "graph_sha256", "trt_module", "trt_version", "sm", "g
 
 
 def sidecar_path(plan: str | Path) -> Path:
-    """`engines/x.plan` -> `engines/x.plan.json` (preferred) or `engines/x.json` if only that exists."""
+    """`engines/x.plan` -> `engines/x.json` (what qks-export writes) or `engines/x.plan.json`."""
     plan = Path(plan)
-    first = plan.with_name(plan.name + ".json")
+    first = plan.with_suffix(".json")
     if first.is_file():
         return first
-    second = plan.with_suffix(".json")
+    second = plan.with_name(plan.name + ".json")
     return second if second.is_file() else first
 
 
-def read_sidecar(plan: str | Path) -> dict:
-    path = sidecar_path(plan)
+def read_sidecar(plan: str | Path, sidecar: str | Path | None = None) -> dict:
+    path = Path(sidecar) if sidecar is not None else sidecar_path(plan)
     if not path.is_file():
         raise EngineError(f"TensorRT plan {Path(plan).name} has no sidecar {path.name}: cannot tell what it was "
                           "built for; re-export the bundle with --tensorrt")

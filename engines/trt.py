@@ -92,7 +92,7 @@ class TrtEngine(Engine):
     backend = "tensorrt"
 
     def __init__(self, plan: str | Path, *, device_id: int = 0, check_sidecar: bool = True,
-                 cuda_graph: bool = False):
+                 cuda_graph: bool = False, sidecar: str | Path | None = None):
         trt = import_tensorrt()
         cudart = import_cudart()
         self.plan = Path(plan)
@@ -101,7 +101,7 @@ class TrtEngine(Engine):
         self._graph_exec = None
         dev = cuda_device(device_id)
         if check_sidecar:
-            check_compatible(read_sidecar(self.plan), trt.__version__, dev["sm"],
+            check_compatible(read_sidecar(self.plan, sidecar), trt.__version__, dev["sm"],
                              trt_module=trt.__name__, plan_name=self.plan.name)
         _check(cudart.cudaSetDevice(device_id), "cudaSetDevice")
         self._logger = trt.Logger(trt.Logger.WARNING)

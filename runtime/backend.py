@@ -46,7 +46,8 @@ def _open_trt(bundle: Bundle, device_id: int, cuda_graph: bool):
     # fp16 plans first: faster on every GPU TensorRT supports
     for rec in sorted(plans, key=lambda r: 0 if "fp16" in (r.get("precision", "") + r.get("graph", "")) else 1):
         try:
-            return TrtEngine(rec["path"], device_id=device_id, cuda_graph=cuda_graph), rec["file"]
+            sidecar = bundle.file(rec["sidecar"]) if rec.get("sidecar") else None
+            return TrtEngine(rec["path"], device_id=device_id, cuda_graph=cuda_graph, sidecar=sidecar), rec["file"]
         except EngineError as e:
             errors.append(str(e))
     raise EngineError("; ".join(errors))

@@ -118,6 +118,8 @@ class Bundle:
             if not isinstance(rec, dict) or "file" not in rec:
                 raise BundleError("an engines entry has no file")
             self._listed(rec["file"], "TensorRT plan")
+            if rec.get("sidecar"):
+                self._listed(rec["sidecar"], "TensorRT plan sidecar")
             self.engines.append(dict(rec, path=resolve(self.root, rec["file"])))
 
     def _check_bank(self, name: str, rec: dict) -> BankRecord:

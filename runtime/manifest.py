@@ -38,8 +38,8 @@ Optional, read by the runtime (added after schema_version 1 was first written; a
   named "default", else the only bank.
 - "preprocess" may also carry "channels": "RGB", "layout": "NCHW", "crop": "center",
   "value_range": [0, 1]; the runtime implements exactly these and refuses other values.
-- TensorRT plans: each `engines/<name>.plan` has a JSON sidecar `engines/<name>.plan.json` (also
-  listed in "files") with "graph", "graph_sha256", "trt_module" ("tensorrt" or
+- TensorRT plans: each `engines/<stem>.plan` has a JSON sidecar, named by the engines entry's
+  "sidecar" (`engines/<stem>.json`; readers also try `<stem>.plan.json`), listed in "files", with "graph", "graph_sha256", "trt_module" ("tensorrt" or
   "tensorrt_rtx"), "trt_version" (the module's __version__), "sm" (compute capability, "90"),
   "gpu_name", "precision", "profile" ({input: [min, opt, max] shapes}), "inputs", "outputs",
   "built". The runtime refuses a plan whose trt_module/trt_version/sm differ from the machine's.

@@ -111,7 +111,8 @@ def test_sidecar_files(tmp_path):
     with pytest.raises(EngineError, match="no sidecar"):
         read_sidecar(plan)
     sidecar_path(plan).write_text(json.dumps(SIDECAR))
-    assert sidecar_path(plan).name == "x.plan.json" and read_sidecar(plan)["sm"] == "90"
+    assert sidecar_path(plan).name == "x.json" and read_sidecar(plan)["sm"] == "90"
+    assert read_sidecar(plan, plan.with_name("x.json"))["gpu_name"] == SIDECAR["gpu_name"]
     sidecar_path(plan).write_text("{broken")
     with pytest.raises(EngineError, match="unreadable plan sidecar"):
         read_sidecar(plan)
@@ -217,11 +218,12 @@ def test_named_backend_that_cannot_run_is_an_error(bundle_copy):
     # a bundle with a plan: on a machine without TensorRT the message names the extra
     (bundle_copy / "engines").mkdir()
     (bundle_copy / "engines" / "image_encoder.plan").write_bytes(b"plan bytes")
-    (bundle_copy / "engines" / "image_encoder.plan.json").write_text(json.dumps(SIDECAR))
+    (bundle_copy / "engines" / "image_encoder.json").write_text(json.dumps(SIDECAR))
     m = json.loads((bundle_copy / "manifest.json").read_text())
-    for rel in ("engines/image_encoder.plan", "engines/image_encoder.plan.json"):
+    for rel in ("engines/image_encoder.plan", "engines/image_encoder.json"):
         m["files"][rel] = file_record(bundle_copy, rel)
-    m["engines"] = [{"file": "engines/image_encoder.plan", "graph": "image_encoder", "precision": "fp32"}]
+    m["engines"] = [{"file": "engines/image_encoder.plan", "sidecar": "engines/image_encoder.json",
+                     "graph": "image_encoder", "precision": "fp32"}]
     write_manifest(bundle_copy, m)
     b = Bundle.load(bundle_copy)
     try:
