@@ -1,0 +1,78 @@
+"""`qks-export`: a training checkpoint -> a verified deployment bundle (see `qks.export.bundle`)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from .errors import ExportError, one_line
+
+
+def _fail(msg: str) -> None:
+    click.echo(f"qks-export: error: {msg}", err=True)
+    sys.exit(1)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+# Paths are checked by the exporter, not click: every user error is one line, exit status 1.
+@click.option("--ckpt", required=True, type=click.Path(path_type=Path),
+              help="checkpoint written by qks-train (RUNDIR/best.pt)")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="bundle folder to write (an existing bundle there is replaced)")
+@click.option("--labels", "labels_files", multiple=True, type=click.Path(path_type=Path),
+              help="labels file (one label a line) -> a label bank named by the file stem; repeatable. "
+                   "The checkpoint's seen+unseen labels always form the bank 'default'")
+@click.option("--fp16", is_flag=True, help="also write image_encoder.fp16.onnx (float32 I/O, FP16 inside)")
+@click.option("--tensorrt", is_flag=True, help="build TensorRT engines under engines/ (TensorRT or TensorRT for RTX)")
+@click.option("--max-batch", default=32, show_default=True, type=click.IntRange(min=1),
+              help="largest batch of the TensorRT optimisation profile")
+@click.option("--calibration-images", type=click.Path(path_type=Path), default=None,
+              help="folder of real images to verify the graphs on (besides random inputs)")
+@click.option("--opset", default=None, type=click.IntRange(min=17), help="ONNX opset (default 18)")
+@click.option("--trt-sm", default=None, help="TensorRT for RTX without a GPU: target compute capability, e.g. 86")
+@click.option("--quiet", "-q", is_flag=True, help="print only the result line")
+def main(ckpt, out, labels_files, fp16, tensorrt, max_batch, calibration_images, opset, trt_sm, quiet):
+    """Export a qks checkpoint to a bundle: ONNX graphs verified against PyTorch, tokenizer.json,
+    prompts, label banks, and optionally an FP16 graph and TensorRT engines."""
+    from .bundle import export_bundle_report, read_labels_file
+    from .graphs import DEFAULT_OPSET
+
+    log = (lambda msg: None) if quiet else (lambda msg: click.echo(f"qks-export: {msg}", err=True))
+    started = time.perf_counter()
+    try:
+        labels = {}
+        for f in labels_files:
+            name, names = read_labels_file(f)
+            if name in labels:
+                raise ExportError(f"two --labels files are named {name!r} (bank names come from file stems)")
+            labels[name] = names
+        report = export_bundle_report(ckpt, out, labels=labels, fp16=fp16, tensorrt=tensorrt, max_batch=max_batch,
+                                      calibration_images=calibration_images, opset=opset or DEFAULT_OPSET,
+                                      trt_compute_capability=trt_sm, log=log)
+    except ExportError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        _fail("interrupted; no bundle was written")
+    except Exception as e:  # an unexpected failure still gets one line (and a non-zero exit)
+        _fail(f"unexpected {type(e).__name__}: {one_line(e)}")
+    m = report.manifest
+    if not quiet:
+        for g in m["graphs"].values():
+            v = g["verification"]
+            parts = []
+            for kind in ("random", "calibration", "prompts", "default_bank"):
+                if kind in v:
+                    (out_name, met), = v[kind].items()
+                    parts.append(f"{kind}: max|err| {met['max_abs_err']:.2e}, cos {met['cosine_min']:.6f}"
+                                 + (f", top5 {met['top5_agreement']:.0%}" if "top5_agreement" in met else ""))
+            click.echo(f"  {g['file']:<26} {g['bytes'] / 2**20:8.1f} MiB  " + "; ".join(parts))
+        for e in m["engines"]:
+            click.echo(f"  {e['file']}  ({e['trt_module']} {e['trt_version']}, SM{e['sm']}, {e['precision']})")
+    click.echo(f"wrote {report.path} ({len(m['files'])} files) in {time.perf_counter() - started:.1f} s")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
