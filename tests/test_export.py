@@ -3,7 +3,6 @@ dynamic batch, label banks, atomic writes, and one-line errors from the CLI."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
