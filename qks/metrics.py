@@ -62,6 +62,17 @@ def _check(scores: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndar
     return scores, targets
 
 
+def _descending_pessimistic_order(s: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """Per row of s [labels, images]: indices by score descending, non-positives first among ties."""
+    if s.dtype in (np.float16, np.float32):
+        # One integer sort instead of a two-key sort: float32 bits made monotone (+0.0 folds -0.0),
+        # doubled, plus 1 for a positive, so a positive sorts after every equal non-positive.
+        bits = (s.astype(np.float32) + np.float32(0)).view(np.int32).astype(np.int64)
+        key = -2 * np.where(bits >= 0, bits, bits ^ 0x7FFFFFFF) + pos
+        return np.argsort(key, axis=1)
+    return np.lexsort((pos, -s), axis=1)  # lexsort's last key is the primary one
+
+
 def average_precision_per_label(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """[labels] non-interpolated AP per label over annotated entries; 0 where a label has no positive."""
     scores, targets = _check(scores, targets)
@@ -71,19 +82,18 @@ def average_precision_per_label(scores: np.ndarray, targets: np.ndarray) -> np.n
         return ap
     block = max(1, _BLOCK_ELEMENTS // max(n, 1))
     for start in range(0, n_labels, block):
-        s = scores[:, start:start + block]
-        t = targets[:, start:start + block]
+        # Labels as contiguous rows: sorting and cumulative sums run along memory.
+        s = np.ascontiguousarray(scores[:, start:start + block].T)
+        t = np.ascontiguousarray(targets[:, start:start + block].T)
         pos = t > 0
-        # Sort each column by score descending; among ties, non-positives first (pessimistic).
-        # lexsort's last key is the primary one.
-        order = np.lexsort((pos, -s), axis=0)
-        pos_sorted = np.take_along_axis(pos, order, axis=0)
-        valid_sorted = np.take_along_axis(t != 0, order, axis=0)
-        rank = np.cumsum(valid_sorted, axis=0)  # rank among annotated entries (unknowns skipped)
-        hits = np.cumsum(pos_sorted, axis=0)
+        order = _descending_pessimistic_order(s, pos)
+        pos_sorted = np.take_along_axis(pos, order, axis=1)
+        valid_sorted = np.take_along_axis(t != 0, order, axis=1)
+        rank = np.cumsum(valid_sorted, axis=1)  # rank among annotated entries (unknowns skipped)
+        hits = np.cumsum(pos_sorted, axis=1)
         precision = np.where(pos_sorted, hits / np.maximum(rank, 1), 0.0)
-        n_pos = pos.sum(axis=0)
-        ap[start:start + block] = np.where(n_pos > 0, precision.sum(axis=0) / np.maximum(n_pos, 1), 0.0)
+        n_pos = pos.sum(axis=1)
+        ap[start:start + block] = np.where(n_pos > 0, precision.sum(axis=1) / np.maximum(n_pos, 1), 0.0)
     return ap
 
 

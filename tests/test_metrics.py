@@ -154,3 +154,16 @@ def test_bad_inputs():
         f1_at_k(np.zeros((2, 2)), np.zeros((2, 3)), 1)
     with pytest.raises(ValueError, match="NaN"):
         mean_average_precision(np.full((1, 1), np.nan), np.ones((1, 1)))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_both_sort_paths_agree_on_ties_signs_and_zeros(dtype):
+    # 2.0 (-); 0.0 (+) ties -0.0 (-); -1.0 (+) ties -1.0 (-): positives at ranks 3 and 5.
+    s = col(0.0, -0.0, -1.0, -1.0, 2.0).astype(dtype)
+    t = col(1, -1, 1, -1, -1)
+    assert mean_average_precision(s, t).map == pytest.approx((1 / 3 + 2 / 5) / 2)
+    rng = np.random.default_rng(4)
+    scores = rng.integers(-3, 4, size=(30, 5)).astype(dtype)  # many ties
+    targets = rng.choice([-1, 0, 1], size=(30, 5))
+    np.testing.assert_array_equal(mean_average_precision(scores, targets).ap,
+                                  mean_average_precision(scores.astype(np.float64), targets).ap)
