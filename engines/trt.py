@@ -31,12 +31,22 @@ def import_cudart():
     return cudart
 
 
-def import_tensorrt():
-    try:
-        import tensorrt
-    except ImportError:
-        raise EngineError(f"TensorRT is not installed: {EXTRA}") from None
-    return tensorrt
+TRT_MODULES = ("tensorrt", "tensorrt_rtx", "tensorrt_rtx_bindings")  # NVIDIA TensorRT, TensorRT for RTX
+
+
+def import_tensorrt(module: str | None = None):
+    """The TensorRT Python module a plan was built with (its sidecar's trt_module), or the first
+    importable one of TRT_MODULES."""
+    import importlib
+
+    if module is not None and module not in TRT_MODULES:
+        raise EngineError(f"unknown TensorRT module {module!r} in the plan sidecar")
+    for name in [module] if module else TRT_MODULES:
+        try:
+            return importlib.import_module(name)
+        except Exception:  # ImportError, or a library that fails to load
+            continue
+    raise EngineError(f"TensorRT is not installed{f' ({module})' if module else ''}: {EXTRA}")
 
 
 def _check(result, what: str):
@@ -58,8 +68,11 @@ def cuda_device(device_id: int = 0) -> dict:
         err, count = cudart.cudaGetDeviceCount()
     except Exception as e:  # a missing driver library can raise instead of returning an error
         raise EngineError(f"no CUDA driver ({type(e).__name__})") from None
-    if err != cudart.cudaError_t.cudaSuccess or count <= device_id:
-        raise EngineError("no CUDA device")
+    if err != cudart.cudaError_t.cudaSuccess:
+        name = cudart.cudaGetErrorName(err)[1]
+        raise EngineError(f"no CUDA device ({name.decode() if isinstance(name, bytes) else name})")
+    if count <= device_id:
+        raise EngineError(f"no CUDA device {device_id} ({count} found)")
     props = _check(cudart.cudaGetDeviceProperties(device_id), "cudaGetDeviceProperties")
     name = props.name.decode(errors="replace").rstrip("\0") if isinstance(props.name, bytes) else str(props.name)
     return {"name": name, "sm": f"{props.major}{props.minor}"}
@@ -93,16 +106,16 @@ class TrtEngine(Engine):
 
     def __init__(self, plan: str | Path, *, device_id: int = 0, check_sidecar: bool = True,
                  cuda_graph: bool = False, sidecar: str | Path | None = None):
-        trt = import_tensorrt()
-        cudart = import_cudart()
         self.plan = Path(plan)
         self._buffers: dict[str, _Buffer] = {}
         self._stream = None
         self._graph_exec = None
+        meta = read_sidecar(self.plan, sidecar) if check_sidecar else {}
+        trt = import_tensorrt(meta.get("trt_module"))
+        cudart = import_cudart()
         dev = cuda_device(device_id)
         if check_sidecar:
-            check_compatible(read_sidecar(self.plan, sidecar), trt.__version__, dev["sm"],
-                             trt_module=trt.__name__, plan_name=self.plan.name)
+            check_compatible(meta, trt.__version__, dev["sm"], trt_module=trt.__name__, plan_name=self.plan.name)
         _check(cudart.cudaSetDevice(device_id), "cudaSetDevice")
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -120,15 +121,24 @@ def test_sidecar_files(tmp_path):
 
 def test_trt_engine_without_tensorrt_names_the_extra(tmp_path):
     pytest.importorskip("onnxruntime")
-    try:
-        import tensorrt  # noqa: F401
-        pytest.skip("TensorRT is installed here")
-    except ImportError:
-        pass
     from qks.engines.trt import TrtEngine
 
-    with pytest.raises(EngineError, match=r"pip install 'qks\[tensorrt\]'"):
-        TrtEngine(tmp_path / "x.plan")
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("NVIDIA TensorRT is installed here")
+    except ImportError:
+        pass
+
+    plan = tmp_path / "x.plan"
+    plan.write_bytes(b"plan")
+    with pytest.raises(EngineError, match="no sidecar"):
+        TrtEngine(plan)
+    plan.with_suffix(".json").write_text(json.dumps(SIDECAR))
+    with pytest.raises(EngineError, match=r"TensorRT is not installed \(tensorrt\): pip install 'qks\[tensorrt\]'"):
+        TrtEngine(plan)
+    plan.with_suffix(".json").write_text(json.dumps(dict(SIDECAR, trt_module="evil_module")))
+    with pytest.raises(EngineError, match="unknown TensorRT module 'evil_module'"):
+        TrtEngine(plan)
 
 
 # -- native TensorRT (needs a GPU and TensorRT 10/11; skipped elsewhere) ---------------------------
@@ -226,11 +236,15 @@ def test_named_backend_that_cannot_run_is_an_error(bundle_copy):
                      "graph": "image_encoder", "precision": "fp32"}]
     write_manifest(bundle_copy, m)
     b = Bundle.load(bundle_copy)
+    # Without a GPU, whichever is missing first is named: TensorRT, cuda-python, or the device.
+    no_gpu = r"TensorRT is not installed: pip install 'qks\[tensorrt\]'|needs cuda-python|no CUDA device|was built"
     try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        with pytest.raises(EngineError, match=r"TensorRT is not installed: pip install 'qks\[tensorrt\]'"):
-            select_backend(b, "tensorrt")
+        engine = select_backend(b, "tensorrt")[0]
+    except EngineError as e:
+        assert str(e).startswith("backend tensorrt cannot run: ") and re.search(no_gpu, str(e)), str(e)
         engine, reason = select_backend(b, "auto", threads=1)
         engine.close()
-        assert "tensorrt: TensorRT is not installed" in reason
+        assert re.search("tensorrt: (" + no_gpu + ")", reason), reason
+    else:  # a GPU machine with TensorRT: the fake plan must be refused by its sidecar
+        engine.close()
+        pytest.fail("a fake plan was accepted")
