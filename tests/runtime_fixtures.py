@@ -25,10 +25,11 @@ def photo(name: str):
 
 @pytest.fixture(scope="session")
 def runtime_bundle(tiny_checkpoint, tmp_path_factory) -> Path:
-    """A read-only-by-convention bundle of the tiny checkpoint; copy it (bundle_copy) to modify it."""
-    from runtime_bundle import make_bundle
+    """`qks-export`'s bundle of the tiny checkpoint (fp32 and fp16 image graphs); treat it as read-only
+    and copy it (bundle_copy) to modify it."""
+    from qks.export.bundle import export_bundle
 
-    return make_bundle(tiny_checkpoint, tmp_path_factory.mktemp("bundle") / "bundle")
+    return export_bundle(tiny_checkpoint, tmp_path_factory.mktemp("bundle") / "bundle", fp16=True)
 
 
 @pytest.fixture

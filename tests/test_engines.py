@@ -248,3 +248,17 @@ def test_named_backend_that_cannot_run_is_an_error(bundle_copy):
     else:  # a GPU machine with TensorRT: the fake plan must be refused by its sidecar
         engine.close()
         pytest.fail("a fake plan was accepted")
+
+
+def test_fp16_graph_on_ort_cpu(runtime_bundle):
+    """The FP16 image graph (fp32 I/O) runs on ONNX Runtime CPU with the NchwcTransformer disabled and
+    agrees with the fp32 graph."""
+    x = np.random.default_rng(2).standard_normal((3, 3, 32, 32), dtype=np.float32)
+    with OrtEngine(runtime_bundle / "image_encoder.onnx", intra_op_threads=1) as fp32, \
+            OrtEngine(runtime_bundle / "image_encoder.fp16.onnx", intra_op_threads=1,
+                      disabled_optimizers=["NchwcTransformer"]) as fp16:
+        assert fp16.inputs[0].dtype == "float32" and fp16.outputs[0].dtype == "float32"
+        a = fp32.run({"pixels": x})["query_features"]
+        b = fp16.run({"pixels": x})["query_features"]
+    cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+    assert cos.min() > 0.999

@@ -24,7 +24,7 @@ def _rewrite(b, fn):
 
 def test_loads_and_describes(runtime_bundle):
     b = Bundle.load(runtime_bundle)
-    assert set(b.graphs) == {"image_encoder", "label_encoder"}
+    assert set(b.graphs) == {"image_encoder", "image_encoder_fp16", "label_encoder"}
     assert b.preprocess.size == 32 and b.scoring == ("max", 1)
     assert b.default_bank() == "default" and b.banks["default"].shape == (5, 32)
     assert b.prompts() == ["a photo of a {}.", "there is a {} in the scene."]
@@ -125,6 +125,7 @@ def test_bank_wrong_dtype_shape_names(bundle_copy):
 
 
 def test_default_bank_choice(bundle_copy):
+    _rewrite(bundle_copy, lambda m: m.pop("default_bank", None))
     _rewrite(bundle_copy, lambda m: m["label_banks"].update(other=dict(m["label_banks"]["default"])))
     assert Bundle.load(bundle_copy).default_bank() == "default"
     _rewrite(bundle_copy, lambda m: m["label_banks"].update(third=m["label_banks"].pop("default")))
@@ -132,3 +133,6 @@ def test_default_bank_choice(bundle_copy):
         Bundle.load(bundle_copy).default_bank()
     _rewrite(bundle_copy, lambda m: m.update(default_bank="third"))
     assert Bundle.load(bundle_copy).default_bank() == "third"
+    _rewrite(bundle_copy, lambda m: m.update(default_bank="gone"))
+    with pytest.raises(BundleError, match="default_bank 'gone' is not one of its label banks"):
+        Bundle.load(bundle_copy).default_bank()
