@@ -79,8 +79,9 @@ def _bank(bundle: Bundle, labels: str | None, bank: str | None, threads: int | N
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the bundle's files.")
+@click.option("--cuda-graph", is_flag=True, help="TensorRT: replay full batches as a captured CUDA graph.")
 def _infer(images, labels, bundle_dir, bank, backend, batch_size, workers, threads, top_k, threshold, all_scores,
-           fmt, out, resume, overwrite, no_progress, no_verify):
+           fmt, out, resume, overwrite, no_progress, no_verify, cuda_graph):
     """Tag every image under IMAGES (recursively) with label probabilities."""
     prog = "qks-infer"
     _one_line_warnings(prog)
@@ -88,7 +89,7 @@ def _infer(images, labels, bundle_dir, bank, backend, batch_size, workers, threa
         fmt = "csv" if out is not None and out.suffix.lower() == ".csv" else "jsonl"
     try:
         bundle = Bundle.load(bundle_dir, verify=not no_verify)
-        engine, reason = select_backend(bundle, backend, threads=threads)
+        engine, reason = select_backend(bundle, backend, threads=threads, cuda_graph=cuda_graph)
         click.echo(f"{prog}: backend {reason}", err=True)
         try:  # new labels are encoded on the GPU when the images run on one
             label_bank = _bank(bundle, labels, bank, threads, "cpu" if engine.backend == "ort-cpu" else "cuda",
