@@ -141,9 +141,19 @@ def _labels(bundle_dir, labels, name, threads, batch_size, provider):
     click.echo(f"{prog}: bank {name!r}: {n} labels x {d} ({bank.source}) -> {path} (key {bank.key[:12]})", err=True)
 
 
+def _main(command: click.Command, prog: str, argv: list[str] | None) -> None:
+    """Run a click command with usage errors as one line (`prog: error: ...`, exit 2)."""
+    try:
+        command.main(args=argv, prog_name=prog, standalone_mode=False)
+    except click.exceptions.Abort:
+        _fail(prog, "interrupted", 130)
+    except click.ClickException as e:
+        _fail(prog, f"{e.format_message()} (see {prog} --help)", 2)
+
+
 def infer_main(argv: list[str] | None = None) -> None:
-    _infer.main(args=argv, prog_name="qks-infer")
+    _main(_infer, "qks-infer", argv)
 
 
 def labels_main(argv: list[str] | None = None) -> None:
-    _labels.main(args=argv, prog_name="qks-labels")
+    _main(_labels, "qks-labels", argv)
