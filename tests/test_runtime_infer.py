@@ -179,7 +179,7 @@ def test_qks_infer_without_torch_end_to_end(runtime_bundle, photo_dir, tmp_path)
     (["--bank", "nope"], "no label bank 'nope'"),
     (["--resume"], "--resume needs --out"),
     (["--batch-size", "0"], "Invalid value for '--batch-size'"),
-    (["--frobnicate"], "No such option: --frobnicate"),
+    (["--frobnicate"], "No such option '--frobnicate'"),
 ])
 def test_qks_infer_bad_input_is_one_line(runtime_bundle, photo_dir, tmp_path, args, message):
     argv = [str(photo_dir), "--bundle", str(runtime_bundle), "--threads", "1", "--no-progress"]
