@@ -3,7 +3,7 @@
 - Finds images under a folder recursively (by extension, case-insensitive), in sorted order of
   their POSIX paths relative to the folder. Symlinked folders are followed once (a folder already
   visited through another path is skipped, so link cycles end); a link to a missing file is listed
-  and becomes an error record.
+  and becomes an error record; FIFOs and devices are skipped.
 - Decodes and preprocesses in worker threads while the engine runs (a bounded window of pending
   images keeps memory flat), batches, scores, writes. Records keep the input order.
 - JSONL, one record per image:
@@ -25,6 +25,7 @@ import csv
 import io
 import json
 import os
+import stat
 import sys
 import time
 from collections import deque
@@ -67,8 +68,14 @@ def find_images(root: str | Path) -> list[str]:
         dirnames.sort()
         rel_dir = Path(dirpath).relative_to(root)
         for name in filenames:
-            if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                found.append((rel_dir / name).as_posix())
+            if Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            try:
+                if not stat.S_ISREG(os.stat(os.path.join(dirpath, name)).st_mode):
+                    continue  # a FIFO or device named like an image would block or mislead the decoder
+            except OSError:
+                pass  # a broken link: listed, and reported as that image's error
+            found.append((rel_dir / name).as_posix())
     return sorted(found)
 
 

@@ -35,6 +35,7 @@ def test_find_images_is_recursive_sorted_and_survives_link_cycles(photo_dir, tmp
     (root / "a" / "x.png").write_bytes(b"")
     os.symlink(root, root / "a" / "loop")  # a cycle
     os.symlink(tmp_path / "gone.jpg", root / "dangling.jpg")  # a broken link is listed (and fails later)
+    os.mkfifo(root / "a" / "pipe.jpg")  # would block a decoder forever
     assert find_images(root) == ["a/x.png", "dangling.jpg"]
     with pytest.raises(InferError, match="image folder not found"):
         find_images(tmp_path / "nope")
