@@ -234,9 +234,10 @@ def run_folder(images: str | Path, engine, bank, preprocess: Preprocess, out: st
                     old = json.loads(meta_path.read_text(encoding="utf-8"))
                 except (OSError, ValueError):
                     old = {}
-                now = {"format": opts.fmt, "all_scores": opts.all_scores, "bank_key": getattr(bank, "key", None)}
+                now = {"format": opts.fmt, "all_scores": opts.all_scores, "bank_key": getattr(bank, "key", None),
+                       "top_k": opts.top_k, "threshold": threshold}
                 for k, v in now.items():
-                    if old.get(k) is not None and v is not None and old[k] != v:
+                    if k in old and (old[k] is not None or k in ("top_k", "threshold")) and old[k] != v:
                         raise InferError(f"{out}: was written with {k}={old[k]!r}, this run has {v!r}; "
                                          "not resuming into it")
             done = done_images(out, opts.fmt, header_cols)

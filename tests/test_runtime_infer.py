@@ -116,6 +116,8 @@ def test_resume_repairs_a_partial_line_and_writes_no_duplicates(runtime_bundle, 
         _run(runtime_bundle, photo_dir, out, all_scores=True)
     with pytest.raises(InferError, match="was written with all_scores=True"):
         _run(runtime_bundle, photo_dir, out, resume=True)
+    with pytest.raises(InferError, match="was written with top_k=None, this run has 3"):
+        _run(runtime_bundle, photo_dir, out, all_scores=True, top_k=3, resume=True)
 
 
 def test_resume_csv(runtime_bundle, photo_dir, tmp_path):
