@@ -35,4 +35,13 @@ def _openclip(arg: str, spec: str) -> Backbone:
 
 register_backbone("openclip", _openclip)
 
+
+def _lite(arg: str, spec: str) -> Backbone:
+    from .lite import create  # lazy: the lite models load only when used
+
+    return create(arg, spec)
+
+
+register_backbone("lite", _lite)
+
 __all__ = ["Backbone", "Preprocess", "create_backbone", "list_backbones", "module_fingerprint", "register_backbone"]
