@@ -257,8 +257,8 @@ def run_folder(images: str | Path, engine, bank, preprocess: Preprocess, out: st
     mode, k = scoring
 
     info = dict(meta or {})
-    info.update(format=opts.fmt, all_scores=opts.all_scores, bank_key=getattr(bank, "key", None), top_k=opts.top_k, threshold=threshold,
-                batch_size=batch_size, workers=workers, images=str(root), output=str(out) if out else "-",
+    info.update(format=opts.fmt, all_scores=opts.all_scores, bank_key=getattr(bank, "key", None), top_k=opts.top_k,
+                threshold=threshold, batch_size=batch_size, workers=workers, images=str(root), output=str(out) if out else "-",
                 images_found=len(all_images), skipped_already_done=summary.skipped, status="running",
                 started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     _write_meta(meta_path, info)
@@ -288,21 +288,25 @@ def run_folder(images: str | Path, engine, bank, preprocess: Preprocess, out: st
                     items.append(pending.popleft().result())
                     fill()
                 ok = [i for i, (_rel, arr, _err) in enumerate(items) if arr is not None]
-                probs = {}
+                probs, bad = {}, set()
                 if ok:
                     pixels = np.stack([items[i][1] for i in ok])
                     qf = engine.run({in_name: pixels})[out_name]
-                    p = sigmoid(score_logits(qf, emb, mode, k))
-                    probs = dict(zip(ok, p, strict=True))
+                    lg = score_logits(qf, emb, mode, k)
+                    # inf logits would become probabilities 0/1: test the raw outputs, not the sigmoid
+                    finite = np.isfinite(qf.reshape(len(ok), -1)).all(axis=1) & np.isfinite(lg).all(axis=1)
+                    probs = dict(zip(ok, sigmoid(lg), strict=True))
+                    bad = {ok[j] for j in np.flatnonzero(~finite)}
                 records = []
                 for i, (rel, _arr, err) in enumerate(items):
-                    if err is None and not np.isfinite(probs[i]).all():
+                    if err is None and i in bad:
                         err = "model output is not finite (NaN or inf)"
                     if err is not None:
                         records.append({"image": rel, "error": err})
                         summary.errors += 1
                     elif opts.all_scores:
-                        records.append({"image": rel, "scores": {n: _fmt(v) for n, v in zip(names, probs[i].tolist(), strict=True)}})
+                        scores = {n: _fmt(v) for n, v in zip(names, probs[i].tolist(), strict=True)}
+                        records.append({"image": rel, "scores": scores})
                     else:
                         chosen = select(probs[i], names, opts.top_k, threshold)
                         records.append({"image": rel, "labels": {n: _fmt(v) for n, v in chosen}})

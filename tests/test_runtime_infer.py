@@ -92,13 +92,15 @@ def test_non_finite_outputs_become_error_records(runtime_bundle, photo_dir, tmp_
         def run(self, feeds):
             out = engine.run(feeds)["query_features"].copy()
             out[1] = np.nan  # the second image of the (only) batch
+            out[2, 0, 0] = np.inf  # third decoded image (camera): a probability of 1.0 after the sigmoid
             return {"query_features": out}
 
     summary = run_folder(photo_dir, NaNOnCoffee(), bank, bundle.preprocess, tmp_path / "o.jsonl",
                          InferOptions(progress=False, batch_size=16, all_scores=True))
     recs = read_jsonl(tmp_path / "o.jsonl")  # noqa: F405
     assert recs[1] == {"image": "rocket.webp", "error": "model output is not finite (NaN or inf)"}
-    assert summary.errors == 2 and "NaN" not in (tmp_path / "o.jsonl").read_text().replace("(NaN or inf)", "")
+    assert recs[3] == {"image": "sub/camera_gray.png", "error": "model output is not finite (NaN or inf)"}
+    assert summary.errors == 3 and "NaN" not in (tmp_path / "o.jsonl").read_text().replace("(NaN or inf)", "")
 
 
 def test_resume_repairs_a_partial_line_and_writes_no_duplicates(runtime_bundle, photo_dir, tmp_path):
