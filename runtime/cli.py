@@ -56,7 +56,7 @@ def _bank(bundle: Bundle, labels: str | None, bank: str | None, threads: int | N
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("images", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("images", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--labels", "labels", type=click.Path(dir_okay=False), help="Label file (UTF-8, one label a line). "
               "New labels are encoded once and cached. Default: the bundle's default bank.")
 @click.option("--bundle", "bundle_dir", default="./bundle", show_default=True, type=click.Path(path_type=Path),
@@ -87,6 +87,10 @@ def _infer(images, labels, bundle_dir, bank, backend, batch_size, workers, threa
     _one_line_warnings(prog)
     if fmt is None:
         fmt = "csv" if out is not None and out.suffix.lower() == ".csv" else "jsonl"
+    if out is not None and out.is_file() and out.stat().st_size > 0 and not (resume or overwrite):
+        _fail(prog, f"{out} exists: pass --resume to continue it or --overwrite to replace it")
+    if resume and out is None:
+        _fail(prog, "--resume needs --out FILE")
     try:
         bundle = Bundle.load(bundle_dir, verify=not no_verify)
         engine, reason = select_backend(bundle, backend, threads=threads, cuda_graph=cuda_graph)

@@ -184,11 +184,13 @@ def test_qks_infer_without_torch_end_to_end(runtime_bundle, photo_dir, tmp_path)
     (["--bank", "nope"], "no label bank 'nope'"),
     (["--resume"], "--resume needs --out"),
     (["--batch-size", "0"], "Invalid value for '--batch-size'"),
+    (["--out", "{tmp}/exists.jsonl"], "exists.jsonl exists: pass --resume"),
     (["--frobnicate"], "No such option '--frobnicate'"),
 ])
 def test_qks_infer_bad_input_is_one_line(runtime_bundle, photo_dir, tmp_path, args, message):
     argv = [str(photo_dir), "--bundle", str(runtime_bundle), "--threads", "1", "--no-progress"]
     argv += [a.replace("{tmp}", str(tmp_path)) for a in args]
+    (tmp_path / "exists.jsonl").write_text('{"image": "a.jpg", "labels": {}}\n')
     res = run_blocked("infer", argv)  # noqa: F405
     assert res.returncode == 2, res.stderr
     err = [ln for ln in res.stderr.splitlines() if ln.startswith("qks-infer: error:")]
