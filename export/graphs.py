@@ -101,7 +101,7 @@ def label_encoder_spec(context_length: int, embed_dim: int) -> GraphSpec:
 @contextlib.contextmanager
 def _quiet():
     """The exporter prints progress and warnings on stdout/stderr; keep them out of the CLI's output
-    (they are returned on failure)."""
+    (a failure is reported by its exception's first line)."""
     buf = io.StringIO()
     with warnings.catch_warnings(), contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
         warnings.simplefilter("ignore")
@@ -123,7 +123,7 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: str | Path, spec
     batch = torch.export.Dim("batch", min=1, max=4096)
     in_name = spec.inputs[0].name
     try:
-        with torch.no_grad(), _quiet() as log:
+        with torch.no_grad(), _quiet():
             program = torch.onnx.export(
                 module, (example,), dynamo=True, input_names=[in_name],
                 output_names=[t.name for t in spec.outputs], opset_version=opset,
@@ -140,8 +140,10 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: str | Path, spec
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(model.SerializeToString())
     tmp.replace(path)
-    onnx.checker.check_model(str(path), full_check=True)
-    del log
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as e:
+        raise ExportError(f"{path.name} is not a valid ONNX model: {one_line(e)}") from e
     return path
 
 

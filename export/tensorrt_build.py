@@ -68,7 +68,30 @@ def engine_stem(graph: str, graph_sha256: str, trt, sm: str) -> str:
 
 
 def gpu_info() -> tuple[str, str] | None:
-    """(sm "<major><minor>", name) of CUDA device 0 through cuda-python, or None without a usable GPU."""
+    """(sm "<major><minor>", name) of CUDA device 0 through cuda-python (else nvidia-smi), or None
+    without a usable GPU."""
+    info = _gpu_info_cuda_python()
+    return info if info is not None else _gpu_info_nvidia_smi()
+
+
+def _gpu_info_nvidia_smi() -> tuple[str, str] | None:
+    import shutil
+    import subprocess
+
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run([exe, "--query-gpu=compute_cap,name", "--format=csv,noheader", "--id=0"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+        cap, name = (part.strip() for part in out.splitlines()[0].split(",", 1))
+        major, minor = cap.split(".")
+        return f"{int(major)}{int(minor)}", name
+    except Exception:
+        return None
+
+
+def _gpu_info_cuda_python() -> tuple[str, str] | None:
     try:
         try:
             from cuda.bindings import runtime as cudart
@@ -97,7 +120,7 @@ def _logger(trt):
             self.messages: list[tuple[str, str]] = []
 
         def log(self, severity, msg):
-            if severity <= trt.ILogger.Severity.WARNING:
+            if int(severity) <= int(trt.ILogger.Severity.WARNING):
                 self.messages.append((str(severity).split(".")[-1], msg))
 
         def first_error(self) -> str:

@@ -23,6 +23,7 @@ HTML-unescape being skipped for text containing "<".
 
 from __future__ import annotations
 
+import functools
 import json
 
 # Common named and numeric HTML references, decoded as `html.unescape` does. "&amp;" goes last so
@@ -32,8 +33,13 @@ HTML_ENTITIES = [
     ("&#34;", '"'), ("&nbsp;", "\u00a0"), ("&amp;", "&"),
 ]
 
-# Python's `str.split()` whitespace (what open_clip's `whitespace_clean` splits on).
-_PY_WHITESPACE = "".join(chr(c) for c in range(0x110000) if chr(c).isspace())
+
+
+@functools.lru_cache(maxsize=1)
+def _py_whitespace() -> str:
+    """Python's `str.split()` whitespace (what open_clip's `whitespace_clean` splits on)."""
+    return "".join(chr(c) for c in range(0x110000) if chr(c).isspace())
+
 
 # open_clip's pre-tokenisation pattern (its special-token alternatives are handled as added tokens).
 _C, _I = r"[\p{Cased}]", r"[\p{Case_Ignorable}]"
@@ -107,7 +113,7 @@ def build_clip_tokenizer_json(tokenizer) -> str:
     for _ in range(2):  # open_clip: html.unescape(html.unescape(text))
         normalizers += [_replace(a, b) for a, b in HTML_ENTITIES]
     normalizers += [
-        _replace(_char_class(_PY_WHITESPACE) + "+", " ", regex=True),
+        _replace(_char_class(_py_whitespace()) + "+", " ", regex=True),
         {"type": "Strip", "strip_left": True, "strip_right": True},
         # Python's str.lower() maps a word-final capital sigma to final sigma (Unicode Final_Sigma:
         # a cased letter before it, none after, case-ignorable characters skipped); `tokenizers`
