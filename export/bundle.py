@@ -80,6 +80,7 @@ def export_bundle_report(ckpt, out, labels=None, fp16=False, tensorrt=False, max
     out = Path(out)
     if max_batch < 1:
         raise ExportError(f"--max-batch must be >= 1 (got {max_batch})")
+    _check_dependencies(fp16)
     banks = _check_banks(labels or {})
     _check_out(out, overwrite)
     ckpt_dict, model = _load(ckpt)
@@ -108,6 +109,21 @@ def export_bundle_report(ckpt, out, labels=None, fp16=False, tensorrt=False, max
 
 # ---------------------------------------------------------------------------------------------
 # inputs
+
+
+def _check_dependencies(fp16: bool) -> None:
+    """The optional packages export needs, named with the extra that installs them."""
+    import importlib.util
+
+    needed = [("onnx", "export"), ("onnxscript", "export"), ("onnxruntime", "core"), ("tokenizers", "core"),
+              ("open_clip", "train"), ("torchvision", "train")]
+    if fp16:
+        needed.append(("onnxconverter_common", "export"))
+    missing = [(m, extra) for m, extra in needed if importlib.util.find_spec(m) is None]
+    if missing:
+        extras = sorted({extra for _, extra in missing if extra != "core"})
+        hint = f"pip install 'qks[{','.join(extras)}]'" if extras else "pip install qks"
+        raise ExportError(f"qks-export needs {', '.join(m for m, _ in missing)}: {hint}")
 
 
 def _check_banks(labels: dict[str, list[str]]) -> dict[str, list[str]]:

@@ -361,3 +361,17 @@ def test_cli_errors_are_one_line(tiny_checkpoint, tmp_path):
     r = _cli(["--ckpt", tiny_checkpoint, "--out", tmp_path / "b", "--calibration-images", tmp_path / "none"])
     assert r.exit_code == 1 and "calibration images" in _one_error_line(r)
     assert not (tmp_path / "b").exists()
+
+
+def test_missing_optional_dependency_names_the_extra(tiny_checkpoint, tmp_path, monkeypatch):
+    import importlib.util
+
+    from qks.export.bundle import export_bundle
+    from qks.export.errors import ExportError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "onnxconverter_common" else real(name, *a))
+    with pytest.raises(ExportError, match=r"needs onnxconverter_common: pip install 'qks\[export\]'"):
+        export_bundle(tiny_checkpoint, tmp_path / "b", fp16=True)
+    assert not (tmp_path / "b").exists()
