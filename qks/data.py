@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .images import open_rgb
+
 UNLISTED = ("negative", "unknown")
 MAX_REPORTED = 10  # problems listed in one error before "... and N more"
 
@@ -216,9 +218,9 @@ def read_manifest(path: str | Path, labels: Sequence[str] | None = None, skip_ba
 
 
 def load_rgb(path: str) -> Image.Image:
+    """The image as the runtime sees it: EXIF orientation honoured, any mode to RGB (qks.images)."""
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
+        return open_rgb(path)
     except Exception as e:
         raise OSError(f"cannot read image {path}: {e}") from None
 

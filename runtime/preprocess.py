@@ -7,16 +7,8 @@ resizes both sides to `size`. Then uint8 / 255 (float32) and (x - mean) / std, C
 operations in the same order and precision, so the result equals open_clip's to ~1e-7 (a test
 measures it on real photos).
 
-Colour: EXIF orientation is applied first (`ImageOps.exif_transpose`), then the image becomes RGB
-before any resizing, as the training loader does (`Image.open(p).convert("RGB")`):
-- RGB, L, 1, P, CMYK, YCbCr, LAB, HSV: Pillow's `convert("RGB")`, exactly the training loader.
-- Alpha (RGBA, LA, PA, P with transparency): by default the alpha is dropped like `convert("RGB")`
-  (parity with training and with `qks-eval`); `background=(r, g, b)` composites over that colour
-  instead (for cut-outs whose hidden colour under transparent pixels is arbitrary).
-- High bit depth, where Pillow's convert clips to 255 and turns most images white: I;16* is scaled
-  by 255/65535; I is taken as 8-bit when all values are in 0..255, else as 16-bit (clipped to
-  0..65535, scaled); F is scaled by 255 when all values are in [0, 1], else clipped to 0..255
-  (NaN -> 0). These images differ from what a naive `convert("RGB")` loader would feed training.
+Colour: `qks.images.to_rgb` (torch-free, shared with the training loader): EXIF orientation
+first, then RGB by the rules documented there.
 """
 
 from __future__ import annotations
@@ -26,8 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
+from qks.images import to_rgb
+
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
-_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 
 
 class PreprocessError(ValueError):
@@ -109,30 +102,3 @@ class Preprocess:
         except (OSError, ValueError, SyntaxError, EOFError) as e:  # truncated/corrupt data
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise PreprocessError(f"cannot decode image: {msg[:200]}") from None
-
-
-def _high_depth_to_l(img: Image.Image) -> Image.Image:
-    a = np.asarray(img)
-    if img.mode.startswith("I;16"):
-        out = a.astype(np.float64) * (255.0 / 65535.0)
-    elif img.mode == "I":
-        a = a.astype(np.float64)
-        out = a if (a.size == 0 or (a.min() >= 0 and a.max() <= 255)) else np.clip(a, 0, 65535) * (255.0 / 65535.0)
-    else:  # "F"
-        a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
-        out = a * 255.0 if (a.size == 0 or (a.min() >= 0 and a.max() <= 1.0)) else a
-    return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8), "L")
-
-
-def to_rgb(img: Image.Image, background: tuple[int, int, int] | None = None) -> Image.Image:
-    """Any Pillow mode -> RGB, by the rules in the module docstring."""
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
-        return _high_depth_to_l(img).convert("RGB")
-    has_alpha = img.mode in _ALPHA_MODES or (img.mode in ("P", "L", "RGB") and "transparency" in img.info)
-    if background is not None and has_alpha:
-        rgba = img.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, tuple(background) + (255,))
-        return Image.alpha_composite(canvas, rgba).convert("RGB")
-    return img.convert("RGB")

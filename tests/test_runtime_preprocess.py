@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from PIL import Image
-from qks.runtime.preprocess import Preprocess, PreprocessError, to_rgb
+from qks.runtime.preprocess import Preprocess, PreprocessError
 from runtime_fixtures import PHOTOS, photo
+
+from qks.images import to_rgb
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -155,7 +157,7 @@ def _training_pixels(path, size=224):
     return eval_transform(pp)(load_rgb(str(path))).numpy()
 
 
-@pytest.mark.parametrize("mode", ["RGB", "L", "P", "CMYK", "RGBA"])
+@pytest.mark.parametrize("mode", ["RGB", "L", "P", "CMYK", "RGBA", "I;16"])
 def test_parity_with_the_training_loader_on_files(tmp_path, mode):
     img = photo("rocket").convert(mode)
     path = tmp_path / ("x.tif" if mode == "CMYK" else "x.png")
@@ -163,8 +165,6 @@ def test_parity_with_the_training_loader_on_files(tmp_path, mode):
     np.testing.assert_allclose(runtime_pp(224).load(path), _training_pixels(path), rtol=0, atol=PARITY_BOUND)
 
 
-@pytest.mark.xfail(strict=True, reason="qks.data.load_rgb ignores EXIF orientation; the runtime honours it "
-                                       "(diff for qks/data.py in the runtime report)")
 def test_exif_orientation_parity_with_the_training_loader(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6
