@@ -469,8 +469,10 @@ def _verify_tokenizer(tok_json: str, backbone, bank_texts: list[str], random_tex
     if mismatches:
         raise ExportError(f"tokenizer.json gives other ids than the backbone's tokenizer for {mismatches} of "
                           f"{len(texts)} texts, e.g. {first!r}")
-    kind = TOKENIZER_KINDS.get(json.loads(tok_json).get("model", {}).get("type"), "other")
-    return {"file": "tokenizer.json", "context_length": T, "kind": kind, "pad_id": 0,
+    data = json.loads(tok_json)
+    kind = TOKENIZER_KINDS.get(data.get("model", {}).get("type"), "other")
+    pad_id = (data.get("padding") or {}).get("pad_id", 0)
+    return {"file": "tokenizer.json", "context_length": T, "kind": kind, "pad_id": pad_id,
             "verification": {"texts": len(texts), "mismatches": 0, "reference": "backbone.tokenize"}}
 
 
