@@ -22,7 +22,7 @@ CORPUS = [
     # digits
     "3d printer", "2024 olympics", "route 66", "1234567890", "0.5mm", "4x4 truck", "covid-19",
     # accented and non-Latin text
-    "café", "naïve résumé", "Ñandú", "crème brûlée", "Ångström", "straße", "İstanbul", "ΟΔΟΣ", "Σ", "σοφία",
+    "café", "naïve résumé", "Ñandú", "crème brûlée", "Ångström", "straße", "İstanbul", "ΟΔΟΣ", "Σ", "σοφία", "ΑΣ̳Α", "ΤΕΛΟΣ.", "争ͅΣ",
     "東京タワー", "寿司", "кошка", "Москва", "مرحبا", "שלום", "नमस्ते", "ภาษาไทย", "한국어", "Tiếng Việt",
     # emoji and symbols
     "😀", "😀 smile", "👨‍👩‍👧 family", "🇫🇷 flag", "☕️ coffee", "♥", "°C", "€100", "™ ©",

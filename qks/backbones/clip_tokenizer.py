@@ -42,7 +42,9 @@ def _py_whitespace() -> str:
 
 
 # open_clip's pre-tokenisation pattern (its special-token alternatives are handled as added tokens).
-_C, _I = r"[\p{Cased}]", r"[\p{Case_Ignorable}]"
+# Python skips case-ignorable characters first, then asks whether the next one is cased: a character
+# that is both (U+0345) is skipped, hence "cased and not case-ignorable".
+_C, _I = r"[\p{Cased}&&[^\p{Case_Ignorable}]]", r"[\p{Case_Ignorable}]"
 FINAL_SIGMA = (f"(?<={_C}|{_C}{_I}|{_C}{_I}{{2}}|{_C}{_I}{{3}})\u03a3(?!{_I}*{_C})")
 
 # The `'[sſ]` alternative: open_clip's regex runs with IGNORECASE, under which `'s` also matches the
