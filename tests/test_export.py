@@ -375,3 +375,29 @@ def test_missing_optional_dependency_names_the_extra(tiny_checkpoint, tmp_path, 
     with pytest.raises(ExportError, match=r"needs onnxconverter_common: pip install 'qks\[export\]'"):
         export_bundle(tiny_checkpoint, tmp_path / "b", fp16=True)
     assert not (tmp_path / "b").exists()
+
+
+def test_fp16_gates_fail_loudly():
+    """The FP16 gates (cosine, top-5 agreement) on synthetic scores: one-line failures."""
+    from qks.export import verify
+    from qks.export.errors import ExportError
+
+    rng = np.random.default_rng(0)
+    qf = rng.standard_normal((6, 4, 16)).astype(np.float32)
+    bank = rng.standard_normal((20, 16)).astype(np.float32)
+    s = verify.scores(qf, bank)
+    assert s.shape == (6, 20)
+    np.testing.assert_allclose(s, np.einsum("bqd,ld->bql", qf, bank).max(axis=1), rtol=1e-5, atol=1e-5)
+    assert verify.topk_agreement(s, s) == 1.0
+    assert verify.topk_agreement(s, -s) == 0.0  # top-5 of 20 reversed: no overlap
+    m = verify.compare(qf + 1e-4, qf, queries=True)
+    assert m["cosine_min"] > 0.9999 and m["max_abs_err"] == pytest.approx(1e-4, rel=1e-2)
+    verify.check_fp16("g", "random", m, 1.0)
+    noisy = verify.compare(qf + rng.standard_normal(qf.shape).astype(np.float32), qf)
+    with pytest.raises(ExportError, match="cosine vs fp32") as err:
+        verify.check_fp16("g", "random", noisy, 1.0)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ExportError, match="top-5 label agreement"):
+        verify.check_fp16("g", "random", m, 0.9)
+    with pytest.raises(ExportError, match="non-finite"):
+        verify.check_fp16("g", "random", verify.compare(np.full_like(qf, np.inf), qf), 1.0)
