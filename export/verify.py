@@ -41,14 +41,17 @@ def compare(actual: np.ndarray, reference: np.ndarray, queries: bool = False) ->
         raise ExportError(f"output shape {list(actual.shape)} differs from PyTorch's {list(reference.shape)}")
     a = actual.astype(np.float64)
     r = reference.astype(np.float64)
-    err = float(np.abs(a - r).max()) if a.size else 0.0
-    scale = float(np.abs(r).max()) if r.size else 0.0
-    cos = _cosine(a.reshape(len(a), -1), r.reshape(len(r), -1))
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite outputs are reported, not warned
+        err = float(np.abs(a - r).max()) if a.size else 0.0
+        scale = float(np.abs(r).max()) if r.size else 0.0
+        cos = _cosine(a.reshape(len(a), -1), r.reshape(len(r), -1))
     out = {"max_abs_err": err, "scale": scale, "rel_err": err / scale if scale > 0 else err,
            "cosine_min": float(cos.min()), "cosine_mean": float(cos.mean()),
            "finite": bool(np.isfinite(actual).all())}
     if queries and a.ndim == 3:
-        out["query_cosine_min"] = float(_cosine(a.reshape(-1, a.shape[-1]), r.reshape(-1, r.shape[-1])).min())
+        with np.errstate(invalid="ignore", over="ignore"):
+            out["query_cosine_min"] = float(_cosine(a.reshape(-1, a.shape[-1]),
+                                                    r.reshape(-1, r.shape[-1])).min())
     return out
 
 
