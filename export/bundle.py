@@ -57,7 +57,7 @@ def export_bundle(ckpt: str | Path, out: str | Path, labels: dict[str, list[str]
                   fp16: bool = False, tensorrt: bool = False, max_batch: int = 32,
                   calibration_images: str | Path | None = None, opset: int = DEFAULT_OPSET,
                   overwrite: bool = True, seed: int = 0, trt_compute_capability: str | None = None,
-                  log=None) -> Path:
+                  label_cache: str | Path | None = None, log=None) -> Path:
     """Export checkpoint `ckpt` to the bundle folder `out`; returns `out`.
 
     `labels`: extra label banks, name -> label texts (the checkpoint's seen + unseen labels always
@@ -66,16 +66,21 @@ def export_bundle(ckpt: str | Path, out: str | Path, labels: dict[str, list[str]
     of real images used, with fresh random inputs, to verify the graphs. `overwrite`: replace an
     existing bundle at `out` (a non-empty folder that is not a bundle is never replaced).
     `trt_compute_capability`: TensorRT for RTX's target without a GPU ("86"; default SM86).
+    `label_cache`: `qks.prompts.LabelEmbedder`'s cache folder (one .npy per label, keyed by the text
+    encoder's weights, the prompt pool and the label); default: `label_cache/` beside the checkpoint
+    when it exists and is writable (what qks-train and qks-eval fill), so a run's labels are not
+    re-embedded (minutes per hundred labels on a CPU for ViT-B-16).
     Raises `ExportError` (one-line message) for anything the user can fix.
     """
     return export_bundle_report(ckpt, out, labels=labels, fp16=fp16, tensorrt=tensorrt, max_batch=max_batch,
                                 calibration_images=calibration_images, opset=opset, overwrite=overwrite,
-                                seed=seed, trt_compute_capability=trt_compute_capability, log=log).path
+                                seed=seed, trt_compute_capability=trt_compute_capability,
+                                label_cache=label_cache, log=log).path
 
 
 def export_bundle_report(ckpt, out, labels=None, fp16=False, tensorrt=False, max_batch=32,
                          calibration_images=None, opset=DEFAULT_OPSET, overwrite=True, seed=0,
-                         trt_compute_capability=None, log=None) -> ExportReport:
+                         trt_compute_capability=None, label_cache=None, log=None) -> ExportReport:
     log = log or (lambda msg: None)
     out = Path(out)
     if max_batch < 1:
@@ -98,7 +103,8 @@ def export_bundle_report(ckpt, out, labels=None, fp16=False, tensorrt=False, max
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; a bundle is an ordinary folder
     try:
         report = _export_into(tmp, ckpt_dict, model, banks, fp16, tensorrt, max_batch,
-                              calibration_images, opset, seed, trt_compute_capability, log)
+                              calibration_images, opset, seed, trt_compute_capability,
+                              _label_cache(ckpt, label_cache), log)
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -180,6 +186,18 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise ExportError(f"output folder's parent {parent} does not exist")
 
 
+def _label_cache(ckpt, label_cache) -> Path | None:
+    if label_cache is not None:
+        path = Path(label_cache)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ExportError(f"label cache {path}: cannot create it ({e.strerror or e})") from None
+        return path
+    default = Path(ckpt).parent / "label_cache"
+    return default if default.is_dir() and os.access(default, os.W_OK | os.X_OK) else None
+
+
 def _load(ckpt):
     from qks.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 
@@ -217,7 +235,7 @@ def _replace(tmp: Path, out: Path) -> None:
 
 def _export_into(d: Path, ckpt: dict, model, banks: dict[str, list[str]], fp16: bool, tensorrt: bool,
                  max_batch: int, calibration_images, opset: int, seed: int, trt_sm: str | None,
-                 log) -> ExportReport:
+                 label_cache: Path | None, log) -> ExportReport:
     from qks.runtime.manifest import (
         FORMAT,
         SCHEMA_VERSION,
@@ -267,7 +285,7 @@ def _export_into(d: Path, ckpt: dict, model, banks: dict[str, list[str]], fp16: 
     # --- label banks (the training-time LabelEmbedder: unnormalised mean over prompts)
     t = time.perf_counter()
     log(f"embedding {sum(len(v) for v in banks.values())} labels x {len(templates)} prompts")
-    embedder = LabelEmbedder(backbone, templates)
+    embedder = LabelEmbedder(backbone, templates, cache_dir=label_cache)
     (d / "labels").mkdir()
     bank_arrays = {}
     with torch.no_grad():
@@ -419,7 +437,8 @@ def _export_into(d: Path, ckpt: dict, model, banks: dict[str, list[str]], fp16: 
         "versions": _versions(tensorrt_module=engines[0]["trt_module"] if engines else None,
                               tensorrt_version=engines[0]["trt_version"] if engines else None),
         "export": {"opset": opset, "seed": seed, "trace_batch": TRACE_BATCH,
-                   "calibration_images": image_names, "seconds": {k: round(v, 3) for k, v in seconds.items()}},
+                   "calibration_images": image_names, "label_cache_used": label_cache is not None,
+                   "seconds": {k: round(v, 3) for k, v in seconds.items()}},
     }
     _check_manifest(d, manifest)
     write_manifest(d, manifest)

@@ -32,9 +32,11 @@ def _fail(msg: str) -> None:
 @click.option("--calibration-images", type=click.Path(path_type=Path), default=None,
               help="folder of real images to verify the graphs on (besides random inputs)")
 @click.option("--opset", default=None, type=click.IntRange(min=17), help="ONNX opset (default 18)")
+@click.option("--label-cache", type=click.Path(path_type=Path), default=None,
+              help="label embedding cache folder (default: label_cache/ beside --ckpt, as qks-train writes it)")
 @click.option("--trt-sm", default=None, help="TensorRT for RTX without a GPU: target compute capability, e.g. 86")
 @click.option("--quiet", "-q", is_flag=True, help="print only the result line")
-def main(ckpt, out, labels_files, fp16, tensorrt, max_batch, calibration_images, opset, trt_sm, quiet):
+def main(ckpt, out, labels_files, fp16, tensorrt, max_batch, calibration_images, opset, label_cache, trt_sm, quiet):
     """Export a qks checkpoint to a bundle: ONNX graphs verified against PyTorch, tokenizer.json,
     prompts, label banks, and optionally an FP16 graph and TensorRT engines."""
     from .bundle import export_bundle_report, read_labels_file
@@ -51,7 +53,7 @@ def main(ckpt, out, labels_files, fp16, tensorrt, max_batch, calibration_images,
             labels[name] = names
         report = export_bundle_report(ckpt, out, labels=labels, fp16=fp16, tensorrt=tensorrt, max_batch=max_batch,
                                       calibration_images=calibration_images, opset=opset or DEFAULT_OPSET,
-                                      trt_compute_capability=trt_sm, log=log)
+                                      trt_compute_capability=trt_sm, label_cache=label_cache, log=log)
     except ExportError as e:
         _fail(str(e))
     except KeyboardInterrupt:

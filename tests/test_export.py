@@ -401,3 +401,22 @@ def test_fp16_gates_fail_loudly():
         verify.check_fp16("g", "random", m, 0.9)
     with pytest.raises(ExportError, match="non-finite"):
         verify.check_fp16("g", "random", verify.compare(np.full_like(qf, np.inf), qf), 1.0)
+
+
+def test_label_cache_is_used_and_spot_checked(tiny_checkpoint, tiny_backbone, tmp_path):
+    """Export reads qks-train's label cache (no re-embedding); a wrong cached vector is caught by
+    the bank check through tokenizer.json + label_encoder.onnx."""
+    from qks.export.bundle import export_bundle
+    from qks.export.errors import ExportError
+
+    from qks.checkpoint import load_checkpoint
+    from qks.prompts import label_key
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    cache = tmp_path / "label_cache"
+    cache.mkdir()
+    key = label_key(tiny_backbone.text_fingerprint(), ckpt["prompts"], ckpt["seen"][0])
+    np.save(cache / f"{key}.npy", np.full(32, 7.0, dtype=np.float32))
+    with pytest.raises(ExportError, match="verification failed: label_encoder label bank"):
+        export_bundle(tiny_checkpoint, tmp_path / "b", label_cache=cache)
+    assert not (tmp_path / "b").exists()
