@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.lite_zero_shot", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=Path("/tmp/qks-mosaic"),
                    help="a mosaic dataset (benchmarks.mosaic); generated with the defaults if missing")
-    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS).replace(",lite", ";lite"),
+    p.add_argument("--variants", default=";".join(DEFAULT_VARIANTS),
                    help="backbone specs separated by ';' (default: %(default)s)")
     p.add_argument("--pools", default=",".join(DEFAULT_POOLS), help="max, mean, global (default %(default)s)")
     p.add_argument("--cache-dir", type=Path, default=Path("/tmp/qks-label-cache"), help="label-embedding cache")

@@ -261,3 +261,21 @@ def test_cli_on_the_real_datasets(tmp_path, capsys):
     with Image.open(tmp_path / rows[0]["image"]) as im:
         assert im.size == (112, 112) and im.mode == "RGB"
     assert mosaic.main([str(tmp_path / "x"), "--unseen", "unicorn"]) == 1
+
+
+def test_chance_levels_of_the_zero_shot_benchmark():
+    """One unseen positive among U unseen labels per image: chance ZSL F1@1 is 1/U, and chance
+    ZSL mAP is close to the positives' share (a little above it: AP rewards early hits)."""
+    from benchmarks.lite_zero_shot import chance
+
+    rng = np.random.default_rng(0)
+    n, seen, unseen = 600, 8, 4
+    targets = -np.ones((n, seen + unseen), dtype=np.int8)
+    for i in range(n):
+        targets[i, rng.choice(seen, 3, replace=False)] = 1
+        targets[i, seen + rng.integers(unseen)] = 1
+    mask = np.arange(seen + unseen) >= seen
+    c = chance(targets, mask, draws=40)
+    assert c["zsl_images"] == n and c["gzsl_images"] == n
+    assert c["zsl_f1@1"] == pytest.approx(100 / unseen, abs=2.5)
+    assert 100 / unseen < c["zsl_map"] < 100 / unseen + 8
