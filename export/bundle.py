@@ -257,6 +257,14 @@ def _export_into(d: Path, ckpt: dict, model, banks: dict[str, list[str]], fp16: 
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
 
+    # --- real images first: a bad calibration folder fails before minutes of export
+    images = {"random": torch.randn(RANDOM_IMAGES, 3, size, size, generator=gen)}
+    image_names: list[str] = []
+    if calibration_images is not None:
+        from .images import load_images
+
+        images["calibration"], image_names = load_images(calibration_images, pre, CALIBRATION_LIMIT)
+
     # --- graphs
     image_spec = image_encoder_spec(size, Nq, D)
     label_spec = label_encoder_spec(T, D)
@@ -299,12 +307,6 @@ def _export_into(d: Path, ckpt: dict, model, banks: dict[str, list[str]], fp16: 
     seconds["label_banks"] = time.perf_counter() - t
 
     # --- verification inputs
-    images = {"random": torch.randn(RANDOM_IMAGES, 3, size, size, generator=gen)}
-    image_names: list[str] = []
-    if calibration_images is not None:
-        from .images import load_images
-
-        images["calibration"], image_names = load_images(calibration_images, pre, CALIBRATION_LIMIT)
     texts = {"random": random_texts, "prompts": _sample(rng, bank_texts, RANDOM_TEXTS)}
 
     # --- verify the fp32 graphs against PyTorch

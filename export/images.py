@@ -1,4 +1,4 @@
-"""Real images for verification: a folder's images through the backbone's own preprocessing."""
+"""Real images for verification: a folder's images, decoded and preprocessed as in training."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ExportError
+from .errors import ExportError, one_line
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -22,34 +22,27 @@ def image_files(folder: str | Path, limit: int) -> list[Path]:
 
 
 def transform(preprocess):
-    """torchvision transform equal to the backbone's `Preprocess` (what training uses)."""
-    from torchvision import transforms as T
+    """The training code's evaluation transform (what the model saw at validation time)."""
+    from qks.transforms import eval_transform
 
-    interp = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}
-    if preprocess.interpolation not in interp:
-        raise ExportError(f"unsupported interpolation {preprocess.interpolation!r} in the backbone's preprocessing")
-    size = preprocess.size
-    if preprocess.resize_mode == "squash":
-        resize = [T.Resize((size, size), interpolation=interp[preprocess.interpolation])]
-    elif preprocess.resize_mode == "shortest":
-        resize = [T.Resize(size, interpolation=interp[preprocess.interpolation]), T.CenterCrop(size)]
-    else:
-        raise ExportError(f"unsupported resize mode {preprocess.resize_mode!r} in the backbone's preprocessing")
-    return T.Compose([*resize, T.ToTensor(), T.Normalize(preprocess.mean, preprocess.std)])
+    try:
+        return eval_transform(preprocess)
+    except ValueError as e:
+        raise ExportError(f"the backbone's preprocessing is not supported: {e}") from None
 
 
 def load_images(folder: str | Path, preprocess, limit: int = 32) -> tuple[torch.Tensor, list[str]]:
     """Up to `limit` images (sorted by path) -> pixels [N, 3, S, S] float32, and their file names.
+    Decoded as training and the runtime decode (`qks.images.open_rgb`: EXIF orientation, RGB).
     Unreadable files are an error: a calibration folder is meant to be clean."""
-    from PIL import Image
+    from qks.images import open_rgb
 
     tf = transform(preprocess)
     pixels, names = [], []
     for path in image_files(folder, limit):
         try:
-            with Image.open(path) as im:
-                pixels.append(tf(im.convert("RGB")))
+            pixels.append(tf(open_rgb(path)))
         except Exception as e:
-            raise ExportError(f"calibration images: cannot read {path}: {e}") from e
+            raise ExportError(f"calibration images: cannot read {path}: {one_line(e)}") from e
         names.append(path.name)
     return torch.stack(pixels), names

@@ -360,6 +360,12 @@ def test_cli_errors_are_one_line(tiny_checkpoint, tmp_path):
 
     r = _cli(["--ckpt", tiny_checkpoint, "--out", tmp_path / "b", "--calibration-images", tmp_path / "none"])
     assert r.exit_code == 1 and "calibration images" in _one_error_line(r)
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "bad.jpg").write_bytes(b"not a jpeg")
+    r = _cli(["--ckpt", tiny_checkpoint, "--out", tmp_path / "b", "--calibration-images", broken])
+    assert r.exit_code == 1 and "cannot read" in _one_error_line(r) and "bad.jpg" in _one_error_line(r)
     assert not (tmp_path / "b").exists()
 
 
