@@ -7,8 +7,6 @@ PIP := $(PY) -m pip
 # (see ../shared/ENVIRONMENT.md); open_clip must be installed in the same command or it pulls
 # another torch.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
-# TensorRT for RTX parses ONNX and builds engines without a GPU: the CI check of the TensorRT path.
-TRT_RTX := tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings
 
 .PHONY: venv test lint demo clean
 
@@ -18,7 +16,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_PINS) -e ".[train,export,dev]"
-	$(PIP) install -q $(TRT_RTX) || echo "note: TensorRT for RTX did not install; its build test will be skipped"
+	$(PIP) install -q -e ".[tensorrt-rtx]" || echo "note: TensorRT for RTX did not install; its build test will be skipped"
 	touch $@
 
 lint: venv

@@ -39,10 +39,14 @@ Optional, read by the runtime (added after schema_version 1 was first written; a
 - "preprocess" may also carry "channels": "RGB", "layout": "NCHW", "crop": "center",
   "value_range": [0, 1]; the runtime implements exactly these and refuses other values.
 - TensorRT plans: each `engines/<stem>.plan` has a JSON sidecar, named by the engines entry's
-  "sidecar" (`engines/<stem>.json`; readers also try `<stem>.plan.json`), listed in "files", with "graph", "graph_sha256", "trt_module" ("tensorrt" or
-  "tensorrt_rtx"), "trt_version" (the module's __version__), "sm" (compute capability, "90"),
-  "gpu_name", "precision", "profile" ({input: [min, opt, max] shapes}), "inputs", "outputs",
-  "built". The runtime refuses a plan whose trt_module/trt_version/sm differ from the machine's.
+  "sidecar" (`engines/<stem>.json`; readers also try `<stem>.plan.json`), listed in "files", with
+  "graph", "graph_sha256", "trt_module" (the import name: "tensorrt", "tensorrt_rtx" or
+  "tensorrt_rtx_bindings"), "trt_flavor" ("tensorrt" | "tensorrt_rtx"), "trt_version" (the module's
+  __version__), "sm" (compute capability, "90"), "gpu_name", "precision", "profile" ({input:
+  {"min": shape, "opt": shape, "max": shape}}), "inputs"/"outputs" ([{"name", "dtype", "shape"
+  (-1 = batch)}]), "io_source", "strongly_typed", "timing_cache" (bundle path or null), "built".
+  Plan stems: <graph>-<graph sha256[:12]>-<trt|trtrtx><version>-sm<MM>. The runtime refuses a plan
+  whose trt_module/trt_version/sm differ from the machine's.
 - `labels/cache/<bank_key>.npy|.txt`: label banks the runtime computed for new label lists. Not in
   "files" (a cache, not part of the export); found by key, checked against their names, and
   recomputed if damaged. `qks-labels --name N` instead adds labels/N.npy + labels/N.txt to
