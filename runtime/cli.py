@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from ..engines.base import EngineError
-from .backend import BACKENDS, select_backend
+from .backend import BACKENDS, PRECISIONS, select_backend
 from .bundle import Bundle
 from .infer import InferError, InferOptions, run_folder
 from .labels import LabelBank, LabelError, read_label_file, save_bank
@@ -64,6 +64,9 @@ def _bank(bundle: Bundle, labels: str | None, bank: str | None, threads: int | N
 @click.option("--bank", help="Name of a label bank stored in the bundle (qks-labels --name).")
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
               help="Inference backend; auto picks the fastest that works and says why.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+              help="ONNX image graph for the ONNX Runtime backends; auto: int8 (if exported) on the CPU, fp16 on CUDA, "
+                   "else fp32.")
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
 @click.option("--workers", type=click.IntRange(1), help="Decode threads (default: min(4, CPUs)).")
 @click.option("--threads", type=click.IntRange(1), help="ONNX Runtime intra-op threads (default: all cores).")
@@ -80,7 +83,7 @@ def _bank(bundle: Bundle, labels: str | None, bank: str | None, threads: int | N
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the bundle's files.")
 @click.option("--cuda-graph", is_flag=True, help="TensorRT: replay full batches as a captured CUDA graph.")
-def _infer(images, labels, bundle_dir, bank, backend, batch_size, workers, threads, top_k, threshold, all_scores,
+def _infer(images, labels, bundle_dir, bank, backend, precision, batch_size, workers, threads, top_k, threshold, all_scores,
            fmt, out, resume, overwrite, no_progress, no_verify, cuda_graph):
     """Tag every image under IMAGES (recursively) with label probabilities."""
     prog = "qks-infer"
@@ -93,7 +96,8 @@ def _infer(images, labels, bundle_dir, bank, backend, batch_size, workers, threa
         _fail(prog, "--resume needs --out FILE")
     try:
         bundle = Bundle.load(bundle_dir, verify=not no_verify)
-        engine, reason = select_backend(bundle, backend, threads=threads, cuda_graph=cuda_graph)
+        engine, reason = select_backend(bundle, backend, threads=threads, cuda_graph=cuda_graph,
+                                        precision=precision)
         click.echo(f"{prog}: backend {reason}", err=True)
         try:  # new labels are encoded on the GPU when the images run on one
             label_bank = _bank(bundle, labels, bank, threads, "cpu" if engine.backend == "ort-cpu" else "cuda",
