@@ -1,0 +1,332 @@
+"""INT8 image graphs for the CPU: float32 in and out, INT8 matrix multiplies inside.
+
+`quantize_image_encoder` rewrites the fp32 image graph with ONNX Runtime's quantizer:
+
+- dynamic (default): every MatMul with a weight initializer becomes `DynamicQuantizeLinear` (uint8
+  activations, scale per tensor computed at run time) + `MatMulInteger` (int8 weights, one scale
+  per output channel) + a float rescale. ONNX Runtime's MLAS runs these U8S8 products on AVX-512
+  VNNI / AMX-INT8 kernels. `Gemm` nodes (open_clip's attention out-projection exports as Gemm) are
+  first rewritten as MatMul + Add so they are quantized too. Attention's own products (Q.K^T and
+  attention.V: both operands are activations) stay in fp32 unless `quantize_attention=True`, as do
+  the patch-embedding Conv, LayerNorm, Softmax and GELU. No calibration data is needed.
+- static (`method="static"`, needs `calibration` pixels): QDQ format, activation ranges from the
+  calibration images (MinMax, or Percentile); slower to make, not faster on ONNX Runtime CPU here
+  (see benchmarks/RESULTS.md), kept for TensorRT-style consumers.
+
+`verify_int8` is the parity gate, the FP16 graph's measures from `qks.export.verify` against the
+fp32 ONNX graph: query-feature cosine per image and top-5 label agreement (max-over-queries
+scoring against a label bank), on every input set given (random pixels, real images).
+
+`add_int8_graph(bundle)` adds `image_encoder.int8.onnx` (graph "image_encoder_int8", precision
+"int8", its verification in the manifest) to an existing bundle without re-exporting it:
+
+    python -m qks.export.int8 BUNDLE [--calibration-images DIR]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from . import verify as V
+from .errors import ExportError, one_line
+
+GRAPH_NAME = "image_encoder_int8"
+GRAPH_FILE = "image_encoder.int8.onnx"
+SOURCE_GRAPH = "image_encoder"
+INT8_COSINE_MIN = 0.99  # query-feature cosine vs the fp32 graph, every image
+INT8_TOP5_MIN = 0.99  # top-5 label agreement with the fp32 graph, over all verification images
+INTEGER_OPS = ("MatMulInteger", "DynamicQuantizeLinear", "QLinearMatMul", "QuantizeLinear", "DequantizeLinear",
+               "ConvInteger", "QLinearConv", "QGemm")
+
+
+def _gemm_to_matmul(model) -> int:
+    """Rewrite Gemm(A, B[, C]) with alpha = beta = 1, transA = 0 and B an initializer as
+    MatMul(A, B or B^T) [+ Add(C)], in place; returns how many were rewritten."""
+    from onnx import helper, numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    new_nodes, count = [], 0
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type != "Gemm" or node.input[1] not in inits or attrs.get("transA", 0)
+                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+            new_nodes.append(node)
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]])
+        if attrs.get("transB", 0):
+            w = np.ascontiguousarray(w.T)
+        wname = node.input[1] + "__matmul"
+        model.graph.initializer.append(numpy_helper.from_array(w, wname))
+        has_bias = len(node.input) > 2 and node.input[2]
+        mm_out = node.output[0] + "__mm" if has_bias else node.output[0]
+        new_nodes.append(helper.make_node("MatMul", [node.input[0], wname], [mm_out], name=node.name + "_matmul"))
+        if has_bias:
+            new_nodes.append(helper.make_node("Add", [mm_out, node.input[2]], [node.output[0]], name=node.name + "_bias"))
+        count += 1
+    if count:
+        used = {i for n in new_nodes for i in n.input}
+        keep = [t for t in model.graph.initializer if t.name in used or t.name in {i.name for i in model.graph.input}]
+        del model.graph.node[:]
+        model.graph.node.extend(new_nodes)
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
+    return count
+
+
+def _activation_matmuls(model) -> list[str]:
+    """MatMul nodes with no initializer operand (attention's Q.K^T and attention.V)."""
+    inits = {t.name for t in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and not (set(n.input) & inits)]
+
+
+class _Reader:
+    """onnxruntime.quantization.CalibrationDataReader over preprocessed pixels."""
+
+    def __init__(self, name: str, pixels: np.ndarray, batch: int = 4):
+        self.batches = [{name: pixels[i:i + batch]} for i in range(0, len(pixels), batch)]
+        self.i = 0
+
+    def get_next(self):
+        if self.i >= len(self.batches):
+            return None
+        self.i += 1
+        return self.batches[self.i - 1]
+
+    def rewind(self):
+        self.i = 0
+
+
+@contextlib.contextmanager
+def _quiet():
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        root.setLevel(level)
+
+
+def quantize_image_encoder(fp32_onnx: str | Path, out: str | Path, calibration: np.ndarray | None = None, *,
+                           method: str = "dynamic", per_channel: bool = True, weight_type: str = "qint8",
+                           quantize_attention: bool = False, calibrate_method: str = "minmax") -> Path:
+    """fp32 image graph -> INT8 image graph at `out` (float32 I/O). See the module docstring.
+    `calibration`: preprocessed pixels [N, 3, H, W] float32 (static only). Raises ExportError."""
+    try:
+        import onnx
+        from onnxruntime.quantization import QuantType, quantize_dynamic, quantize_static
+        from onnxruntime.quantization.calibrate import CalibrationMethod
+        from onnxruntime.quantization.quant_utils import QuantFormat
+    except ImportError as e:
+        raise ExportError(f"INT8 quantization needs onnx and onnxruntime.quantization ({e}): "
+                          "pip install 'qks[export]'") from None
+    if method not in ("dynamic", "static"):
+        raise ExportError(f"unknown INT8 method {method!r} (dynamic or static)")
+    if method == "static" and (calibration is None or len(calibration) == 0):
+        raise ExportError("static INT8 quantization needs calibration images")
+    wt = {"qint8": QuantType.QInt8, "quint8": QuantType.QUInt8}.get(weight_type)
+    if wt is None:
+        raise ExportError(f"unknown INT8 weight type {weight_type!r} (qint8 or quint8)")
+    out = Path(out)
+    model = onnx.load(str(fp32_onnx))
+    _gemm_to_matmul(model)
+    exclude = [] if quantize_attention else _activation_matmuls(model)
+    work = Path(tempfile.mkdtemp(prefix=".int8-", dir=out.parent))
+    try:
+        src = work / "fp32_matmul.onnx"
+        onnx.save(model, str(src))
+        del model
+        tmp = work / out.name
+        with _quiet():
+            if method == "dynamic":
+                quantize_dynamic(str(src), str(tmp), op_types_to_quantize=["MatMul"], per_channel=per_channel,
+                                 weight_type=wt, nodes_to_exclude=exclude,
+                                 extra_options={"MatMulConstBOnly": not quantize_attention})
+            else:
+                cm = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                      "entropy": CalibrationMethod.Entropy}[calibrate_method]
+                name = onnx.load(str(src), load_external_data=False).graph.input[0].name
+                quantize_static(str(src), str(tmp), _Reader(name, np.asarray(calibration, np.float32)),
+                                quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
+                                per_channel=per_channel, weight_type=QuantType.QInt8,
+                                activation_type=QuantType.QUInt8, nodes_to_exclude=exclude,
+                                calibrate_method=cm, extra_options={"MatMulConstBOnly": not quantize_attention})
+        try:
+            onnx.checker.check_model(str(tmp), full_check=False)
+        except Exception as e:
+            raise ExportError(f"INT8 graph {out.name} is not a valid ONNX model: {one_line(e)}") from e
+        os.replace(tmp, out)
+    except ExportError:
+        raise
+    except Exception as e:
+        raise ExportError(f"INT8 quantization of {Path(fp32_onnx).name} failed: {one_line(e)}") from e
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def int8_summary(path: str | Path) -> dict:
+    """Which ops run in INT8: counts of the integer ops, and of the float MatMul/Gemm/Conv left."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    out = {"integer_ops": {op: counts[op] for op in INTEGER_OPS if op in counts},
+           "float_ops_left": {op: counts[op] for op in ("MatMul", "Gemm", "Conv") if op in counts},
+           "int8_initializers": sum(1 for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8),
+           "fp32_initializers": sum(1 for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT)}
+    return out
+
+
+def verify_int8(int8_onnx: str | Path, images: dict[str, np.ndarray], reference: dict[str, np.ndarray],
+                bank: np.ndarray, bank_name: str = "default", *, cos_min: float = INT8_COSINE_MIN,
+                top5_min: float = INT8_TOP5_MIN, graph: str = GRAPH_NAME) -> dict:
+    """Run the INT8 graph on each input set (name -> pixels) and compare it with the fp32 graph's
+    query features (`reference`, same keys). Returns the manifest's verification record; raises
+    ExportError when the cosine or the top-5 agreement is below the gate or an output is not finite."""
+    sess = V.ort_session(int8_onnx)
+    name = sess.get_inputs()[0].name
+    ver: dict = {"reference": "image_encoder (fp32 ONNX)",
+                 "tolerance": {"cosine_min": cos_min, "top5_agreement_min": top5_min}}
+    got_all, ref_all = [], []
+    for kind, pixels in images.items():
+        qf = sess.run(None, {name: np.asarray(pixels, np.float32)})[0]
+        m = V.compare(qf, reference[kind], queries=True)
+        agree = V.topk_agreement(V.scores(qf, bank), V.scores(reference[kind], bank))
+        ver[kind] = {"query_features": {**m, "samples": len(pixels), f"top{V.TOPK}_agreement": agree,
+                                        "bank": bank_name}}
+        if not m["finite"]:
+            raise ExportError(f"verification failed: {graph} gives non-finite query features on {kind} inputs")
+        V.check_fp16(graph, kind, m, None, cos_min=cos_min)
+        got_all.append(qf)
+        ref_all.append(reference[kind])
+    agree_all = V.topk_agreement(V.scores(np.concatenate(got_all), bank), V.scores(np.concatenate(ref_all), bank))
+    ver[f"top{V.TOPK}_agreement"] = agree_all
+    V.check_fp16(graph, "all verification", {"finite": True, "cosine_min": 1.0}, agree_all, top5_min=top5_min)
+    return ver
+
+
+def make_int8_graph(bundle_dir: str | Path, images: dict[str, np.ndarray], reference: dict[str, np.ndarray],
+                    bank: np.ndarray, bank_name: str = "default", *, source_file: str = "image_encoder.onnx",
+                    calibration: np.ndarray | None = None, **quantize_options) -> tuple[dict, dict]:
+    """Quantize `source_file` into `image_encoder.int8.onnx` in the bundle folder and verify it.
+    Returns (verification record, int8 summary) for the graph's manifest record:
+    `{"precision": "int8", "source": "image_encoder", "verification": ..., "int8": summary}`."""
+    d = Path(bundle_dir)
+    quantize_image_encoder(d / source_file, d / GRAPH_FILE, calibration, **quantize_options)
+    try:
+        ver = verify_int8(d / GRAPH_FILE, images, reference, bank, bank_name)
+    except ExportError:
+        (d / GRAPH_FILE).unlink(missing_ok=True)
+        raise
+    options = {"method": "dynamic", "per_channel": True, "weight_type": "qint8", "quantize_attention": False,
+               **quantize_options}
+    if options["method"] == "static":
+        options["calibration_images"] = len(calibration)
+    return ver, {**options, **int8_summary(d / GRAPH_FILE)}
+
+
+# ---------------------------------------------------------------------------------------------
+# adding the INT8 graph to an existing bundle (torch-free: the runtime's preprocessing)
+
+
+def add_int8_graph(bundle_dir: str | Path, calibration_images: str | Path | None = None, *, seed: int = 0,
+                   random_images: int = 8, limit: int = 32, log=None, **quantize_options) -> dict:
+    """Quantize an existing bundle's fp32 image graph, verify it on seeded random pixels and on the
+    images of `calibration_images` (decoded by the runtime's preprocessing), and record it in the
+    manifest as graph "image_encoder_int8". Returns the graph record."""
+    from qks.runtime.bundle import Bundle
+    from qks.runtime.manifest import file_record, sha256_file, write_manifest
+
+    log = log or (lambda msg: None)
+    bundle = Bundle.load(bundle_dir)
+    d = bundle.root
+    if SOURCE_GRAPH not in bundle.graphs:
+        raise ExportError("the bundle has no fp32 image_encoder graph to quantize")
+    src = bundle.graphs[SOURCE_GRAPH]
+    size = bundle.preprocess.size
+    images = {"random": np.random.default_rng(seed).standard_normal((random_images, 3, size, size)).astype(np.float32)}
+    names: list[str] = []
+    if calibration_images is not None:
+        from qks.runtime.infer import find_images
+
+        folder = Path(calibration_images)
+        files = find_images(folder)[:limit]
+        if not files:
+            raise ExportError(f"calibration images: no image files in {folder}")
+        from qks.runtime.preprocess import PreprocessError
+
+        try:
+            images["calibration"] = np.stack([bundle.preprocess.load(folder / f) for f in files])
+        except PreprocessError as e:
+            raise ExportError(f"calibration images: {e}") from None
+        names = files
+    log("running the fp32 graph on the verification images")
+    sess = V.ort_session(src.path)
+    in_name = sess.get_inputs()[0].name
+    reference = {k: sess.run(None, {in_name: v})[0] for k, v in images.items()}
+    del sess
+    bank_name = bundle.default_bank()
+    bank = np.load(bundle.banks[bank_name].path)
+    log(f"quantizing {src.file} to INT8 and verifying it")
+    calibration = images.get("calibration") if quantize_options.get("method") == "static" else None
+    ver, summary = make_int8_graph(d, images, reference, bank, bank_name, source_file=src.file,
+                                   calibration=calibration, **quantize_options)
+    m = bundle.manifest
+    base = m["graphs"][SOURCE_GRAPH]
+    rec = {k: base[k] for k in ("opset", "inputs", "outputs", "dynamic_axes") if k in base}
+    rec.update(file=GRAPH_FILE, precision="int8", source=SOURCE_GRAPH, verification=ver, int8=summary,
+               sha256=sha256_file(d / GRAPH_FILE), bytes=(d / GRAPH_FILE).stat().st_size)
+    if names:
+        rec["verification"]["calibration_images"] = names
+    m["graphs"][GRAPH_NAME] = rec
+    m["files"][GRAPH_FILE] = file_record(d, GRAPH_FILE)
+    write_manifest(d, m)
+    return rec
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m qks.export.int8",
+                                 description="Add a verified INT8 image graph to an existing qks bundle.")
+    ap.add_argument("bundle", type=Path)
+    ap.add_argument("--calibration-images", type=Path, help="real images to verify on (and calibrate, static)")
+    ap.add_argument("--method", choices=["dynamic", "static"], default="dynamic")
+    ap.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor, not per channel")
+    ap.add_argument("--weight-type", choices=["qint8", "quint8"], default="qint8")
+    ap.add_argument("--quantize-attention", action="store_true", help="also quantize Q.K^T and attention.V")
+    args = ap.parse_args(argv)
+    try:
+        rec = add_int8_graph(args.bundle, args.calibration_images, method=args.method,
+                             per_channel=not args.per_tensor, weight_type=args.weight_type,
+                             quantize_attention=args.quantize_attention,
+                             log=lambda m: print(f"int8: {m}", file=sys.stderr))
+    except Exception as e:  # one line, non-zero exit
+        print(f"int8: error: {one_line(e)}", file=sys.stderr)
+        sys.exit(1)
+    v = rec["verification"]
+    for kind in ("random", "calibration"):
+        if kind in v:
+            q = v[kind]["query_features"]
+            print(f"{kind}: cosine min {q['cosine_min']:.6f}, top-5 agreement {q['top5_agreement']:.1%} "
+                  f"({q['samples']} images)")
+    print(f"top-5 agreement (all): {v['top5_agreement']:.1%}; {rec['bytes'] / 2**20:.1f} MiB; ops {rec['int8']}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
