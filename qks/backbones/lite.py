@@ -347,7 +347,8 @@ class LiteBackbone(nn.Module):
     def text_fingerprint(self) -> str:
         if self._text_fp is None:
             h = hashlib.sha256(module_fingerprint(self.text).encode())
-            h.update(f"normalize={self.text.normalize}".encode())
+            # The context length truncates long prompts, so it is part of what names an embedding.
+            h.update(f"normalize={self.text.normalize},context={self.context_length}".encode())
             self._text_fp = h.hexdigest()
         return self._text_fp
 
