@@ -44,6 +44,7 @@ GRAPH_FILE = "image_encoder.int8.onnx"
 SOURCE_GRAPH = "image_encoder"
 INT8_COSINE_MIN = 0.99  # query-feature cosine vs the fp32 graph, every image
 INT8_TOP5_MIN = 0.99  # top-5 label agreement with the fp32 graph, over all verification images
+SCOPES = ("tokens", "trunk", "all")
 INTEGER_OPS = ("MatMulInteger", "DynamicQuantizeLinear", "QLinearMatMul", "QuantizeLinear", "DequantizeLinear",
                "ConvInteger", "QLinearConv", "QGemm")
 
@@ -80,6 +81,33 @@ def _gemm_to_matmul(model) -> int:
         del model.graph.initializer[:]
         model.graph.initializer.extend(keep)
     return count
+
+
+def _query_path_matmuls(model) -> list[str]:
+    """MatMul nodes on the QKS head's query path: those whose first operand depends on the learnable
+    queries (`head.queries`). The head's key/value projections of the image tokens, and the whole
+    backbone, are not on it."""
+    tainted = {t.name for t in model.graph.initializer if t.name == "head.queries" or t.name.endswith(".queries")}
+    out = []
+    for n in model.graph.node:  # topological order
+        if n.op_type == "MatMul" and n.input and n.input[0] in tainted:
+            out.append(n.name)
+        if tainted & set(n.input):
+            tainted.update(n.output)
+    return out
+
+
+def _head_matmuls(model) -> list[str]:
+    """Every MatMul that reads a tensor computed from a `head.*` initializer (the whole head)."""
+    tainted = {t.name for t in model.graph.initializer if t.name.startswith("head.")}
+    first = None
+    for i, n in enumerate(model.graph.node):
+        if tainted & set(n.input):
+            first = i
+            break
+    if first is None:
+        return []
+    return [n.name for n in model.graph.node[first:] if n.op_type == "MatMul"]
 
 
 def _activation_matmuls(model) -> list[str]:
@@ -120,9 +148,14 @@ def _quiet():
 
 def quantize_image_encoder(fp32_onnx: str | Path, out: str | Path, calibration: np.ndarray | None = None, *,
                            method: str = "dynamic", per_channel: bool = True, weight_type: str = "qint8",
-                           quantize_attention: bool = False, calibrate_method: str = "minmax") -> Path:
+                           quantize_attention: bool = False, calibrate_method: str = "minmax",
+                           scope: str = "tokens") -> Path:
     """fp32 image graph -> INT8 image graph at `out` (float32 I/O). See the module docstring.
-    `calibration`: preprocessed pixels [N, 3, H, W] float32 (static only). Raises ExportError."""
+    `calibration`: preprocessed pixels [N, 3, H, W] float32 (static only). `scope`: "tokens"
+    (default) quantizes every weight MatMul that reads image tokens (the backbone, and the head's
+    key/value projections of the tokens) and keeps the head's query path (a few Nq-token products,
+    ~1 % of the FLOPs, the most sensitive to rounding) in fp32; "trunk" keeps the whole head fp32;
+    "all" quantizes the head too. Raises ExportError."""
     try:
         import onnx
         from onnxruntime.quantization import QuantType, quantize_dynamic, quantize_static
@@ -141,7 +174,14 @@ def quantize_image_encoder(fp32_onnx: str | Path, out: str | Path, calibration: 
     out = Path(out)
     model = onnx.load(str(fp32_onnx))
     _gemm_to_matmul(model)
-    exclude = [] if quantize_attention else _activation_matmuls(model)
+    if scope not in SCOPES:
+        raise ExportError(f"unknown INT8 scope {scope!r} (one of {', '.join(SCOPES)})")
+    exclude = set() if quantize_attention else set(_activation_matmuls(model))
+    if scope == "trunk":  # the whole head stays fp32
+        exclude |= set(_head_matmuls(model))
+    elif scope == "tokens":  # the head's query path (12 tokens: ~1 % of the FLOPs) stays fp32
+        exclude |= set(_query_path_matmuls(model))
+    exclude = sorted(exclude)
     work = Path(tempfile.mkdtemp(prefix=".int8-", dir=out.parent))
     try:
         src = work / "fp32_matmul.onnx"

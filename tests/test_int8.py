@@ -122,7 +122,8 @@ def test_static_and_per_tensor_variants(runtime_bundle, clean_photos, tmp_path):
     static = quantize_image_encoder(src, tmp_path / "static.onnx", cal, method="static")
     s = int8_summary(static)
     assert s["integer_ops"]["QuantizeLinear"] > 0 and s["integer_ops"]["DequantizeLinear"] > 0
-    per_tensor = quantize_image_encoder(src, tmp_path / "pt.onnx", per_channel=False, quantize_attention=True)
+    per_tensor = quantize_image_encoder(src, tmp_path / "pt.onnx", per_channel=False, quantize_attention=True,
+                                        scope="all")
     assert "MatMul" not in int8_summary(per_tensor)["float_ops_left"]  # attention products quantized too
     ref = ort_session(src).run(None, {"pixels": cal})[0]
     for path in (static, per_tensor):
