@@ -102,3 +102,26 @@ def test_bench_errors_are_one_line(runtime_bundle, args, message):
     assert res.returncode == 2
     lines = [ln for ln in res.stderr.splitlines() if not ln.startswith("TORCH_LOADED")]
     assert len(lines) == 1 and lines[0].startswith("qks-bench: error:") and message in lines[0], res.stderr
+
+
+def test_gpu_bench_script_smoke_runs_on_the_cpu(tmp_path):
+    """benchmarks/gpu/bench_torch.py --device cpu --quick: the GPU script's Python runs, checks parity
+    first and writes its JSON and markdown tables (the GPU run itself needs a GPU machine)."""
+    from pathlib import Path
+
+    from conftest import TINY_SPEC
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu" / "bench_torch.py"
+    res = subprocess.run([sys.executable, str(script), "--device", "cpu", "--quick", "--backbone", TINY_SPEC,
+                          "--head", "tiny", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    report = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert report["model"]["gflop_per_image"] > 0 and report["peak"]["fp32"] > 0 and report["peak"]["bf16"] > 0
+    assert set(report["parity"]) == {"bf16"}
+    p = report["parity"]["bf16"]
+    assert p["finite"] and -1 <= p["cosine_min"] <= 1 and 0 <= p["top5_agreement"] <= 1
+    assert {(r["mode"], r["batch"]) for r in report["results"]} == {("fp32", 1), ("fp32", 2), ("bf16", 1), ("bf16", 2)}
+    assert all(_positive(r["ms"]) and _positive(r["images_per_s"]) and _positive(r["fraction_of_peak"])
+               for r in report["results"])
+    md = (tmp_path / "gpu_bench.md").read_text()
+    assert "## Correctness vs fp32 eager" in md and "| bf16 | 2 |" in md
