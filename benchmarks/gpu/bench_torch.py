@@ -60,8 +60,15 @@ def flops_per_image(model, size, torch) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     x = torch.randn(1, 3, size, size, device=next(model.parameters()).device)
-    with FlopCounterMode(display=False) as fc:  # parameters frozen: no autograd graph
-        model.query_features(x)
+    # nn.MultiheadAttention's native fast path (open_clip's trunk in eval) is invisible to the counter:
+    # count the same maths on the composite path
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with FlopCounterMode(display=False) as fc:  # parameters frozen: no autograd graph
+            model.query_features(x)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
     return float(fc.get_total_flops())
 
 
