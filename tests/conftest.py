@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from runtime_fixtures import _private_cache, bundle_copy, photo_dir, runtime_bundle  # noqa: F401 - fixtures
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a pretrained tag fails in seconds, never downloads
 

@@ -1,6 +1,7 @@
 """Fixtures for the runtime tests: a bundle of the tiny checkpoint, real photos, a blocked torch.
 
-Import into a test module with `from runtime_fixtures import *  # noqa: F403`.
+Fixtures are registered in conftest.py; test modules import the helpers with
+`from runtime_fixtures import *  # noqa: F403`.
 """
 
 from __future__ import annotations
@@ -107,5 +108,6 @@ def torch_probs(ckpt_path, pixels: np.ndarray, names: list[str]) -> np.ndarray:
         return torch.sigmoid(logits).numpy()
 
 
-__all__ = ["BLOCK_TORCH", "PHOTOS", "_private_cache", "bundle_copy", "photo", "photo_dir", "read_jsonl",
-           "run_blocked", "runtime_bundle", "torch_probs"]
+# Helpers only: the fixtures above are registered once, in conftest.py, so the session-scoped
+# bundle is exported once per test run (a star import of a fixture would re-register it per module).
+__all__ = ["BLOCK_TORCH", "PHOTOS", "photo", "read_jsonl", "run_blocked", "torch_probs"]
