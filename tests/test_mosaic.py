@@ -7,17 +7,12 @@ import hashlib
 import json
 import os
 import pickle
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-# benchmarks/ is a folder of the repository, not an installed package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import mosaic  # noqa: E402
+from benchmarks import mosaic  # the repository's folder; pytest's pythonpath puts it on sys.path
 from benchmarks.mosaic import (  # noqa: E402
     IntegrityError,
     ItemSet,
