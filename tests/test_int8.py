@@ -62,6 +62,7 @@ def test_int8_graph_is_recorded_with_its_parity(int8_bundle):
     ops = rec["int8"]
     assert ops["integer_ops"]["MatMulInteger"] > 0 and ops["integer_ops"]["DynamicQuantizeLinear"] > 0
     assert "Gemm" not in ops["float_ops_left"] and ops["method"] == "dynamic" and ops["per_channel"]
+    assert ops["scope"] == "tokens" and ops["fuse_gelu"] and sum(ops["fused_ops"].values()) > 0
     Bundle.load(int8_bundle)  # the manifest still checks (sha256 of every file)
 
 
