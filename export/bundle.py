@@ -57,11 +57,12 @@ def export_bundle(ckpt: str | Path, out: str | Path, labels: dict[str, list[str]
                   fp16: bool = False, tensorrt: bool = False, max_batch: int = 32,
                   calibration_images: str | Path | None = None, opset: int = DEFAULT_OPSET,
                   overwrite: bool = True, seed: int = 0, trt_compute_capability: str | None = None,
-                  label_cache: str | Path | None = None, log=None) -> Path:
+                  label_cache: str | Path | None = None, log=None, int8: bool = False) -> Path:
     """Export checkpoint `ckpt` to the bundle folder `out`; returns `out`.
 
     `labels`: extra label banks, name -> label texts (the checkpoint's seen + unseen labels always
-    form the bank "default"). `fp16`: also write `image_encoder.fp16.onnx`. `tensorrt`: build
+    form the bank "default"). `fp16`: also write `image_encoder.fp16.onnx`. `int8`: also write
+    `image_encoder.int8.onnx` (INT8 matrix products for CPUs, `qks.export.int8`). `tensorrt`: build
     TensorRT plans under `engines/` (profile batch 1..`max_batch`). `calibration_images`: a folder
     of real images used, with fresh random inputs, to verify the graphs. `overwrite`: replace an
     existing bundle at `out` (a non-empty folder that is not a bundle is never replaced).
@@ -75,12 +76,12 @@ def export_bundle(ckpt: str | Path, out: str | Path, labels: dict[str, list[str]
     return export_bundle_report(ckpt, out, labels=labels, fp16=fp16, tensorrt=tensorrt, max_batch=max_batch,
                                 calibration_images=calibration_images, opset=opset, overwrite=overwrite,
                                 seed=seed, trt_compute_capability=trt_compute_capability,
-                                label_cache=label_cache, log=log).path
+                                label_cache=label_cache, log=log, int8=int8).path
 
 
 def export_bundle_report(ckpt, out, labels=None, fp16=False, tensorrt=False, max_batch=32,
                          calibration_images=None, opset=DEFAULT_OPSET, overwrite=True, seed=0,
-                         trt_compute_capability=None, label_cache=None, log=None) -> ExportReport:
+                         trt_compute_capability=None, label_cache=None, log=None, int8=False) -> ExportReport:
     log = log or (lambda msg: None)
     out = Path(out)
     if max_batch < 1:
@@ -104,7 +105,7 @@ def export_bundle_report(ckpt, out, labels=None, fp16=False, tensorrt=False, max
     try:
         report = _export_into(tmp, ckpt_dict, model, banks, fp16, tensorrt, max_batch,
                               calibration_images, opset, seed, trt_compute_capability,
-                              _label_cache(ckpt, label_cache), log)
+                              _label_cache(ckpt, label_cache), log, int8)
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -235,7 +236,7 @@ def _replace(tmp: Path, out: Path) -> None:
 
 def _export_into(d: Path, ckpt: dict, model, banks: dict[str, list[str]], fp16: bool, tensorrt: bool,
                  max_batch: int, calibration_images, opset: int, seed: int, trt_sm: str | None,
-                 label_cache: Path | None, log) -> ExportReport:
+                 label_cache: Path | None, log, int8: bool = False) -> ExportReport:
     from qks.runtime.manifest import (
         FORMAT,
         SCHEMA_VERSION,
@@ -386,6 +387,20 @@ def _export_into(d: Path, ckpt: dict, model, banks: dict[str, list[str]], fp16: 
         rec["fp16"] = fp16_summary(d / "image_encoder.fp16.onnx")
         graphs["image_encoder_fp16"] = rec
         seconds["verify_fp16"] = time.perf_counter() - t
+
+    # --- INT8 (the CPU fast path): verified against the fp32 graph like the FP16 graph
+    if int8:
+        from .int8 import GRAPH_FILE, GRAPH_NAME, make_int8_graph
+
+        t = time.perf_counter()
+        log("quantizing image_encoder to INT8 and verifying it against the fp32 graph")
+        ver8, summary8 = make_int8_graph(d, {kind: pixels.numpy() for kind, pixels in images.items()}, onnx_qf,
+                                         bank_arrays[DEFAULT_BANK], DEFAULT_BANK)
+        rec = _graph_record(GRAPH_FILE, "int8", opset, image_spec, ver8)
+        rec["source"] = "image_encoder"
+        rec["int8"] = summary8
+        graphs[GRAPH_NAME] = rec
+        seconds["int8"] = time.perf_counter() - t
 
     for rec in graphs.values():
         rec["sha256"] = sha256_file(d / rec["file"])

@@ -26,6 +26,8 @@ def _fail(msg: str) -> None:
               help="labels file (one label a line) -> a label bank named by the file stem; repeatable. "
                    "The checkpoint's seen+unseen labels always form the bank 'default'")
 @click.option("--fp16", is_flag=True, help="also write image_encoder.fp16.onnx (float32 I/O, FP16 inside)")
+@click.option("--int8", is_flag=True, help="also write image_encoder.int8.onnx (INT8 matrix products for CPUs with "
+              "VNNI/AMX; parity against fp32 recorded; qks-infer picks it on the CPU)")
 @click.option("--tensorrt", is_flag=True, help="build TensorRT engines under engines/ (TensorRT or TensorRT for RTX)")
 @click.option("--max-batch", default=32, show_default=True, type=click.IntRange(min=1),
               help="largest batch of the TensorRT optimisation profile")
@@ -36,7 +38,7 @@ def _fail(msg: str) -> None:
               help="label embedding cache folder (default: label_cache/ beside --ckpt, as qks-train writes it)")
 @click.option("--trt-sm", default=None, help="TensorRT for RTX without a GPU: target compute capability, e.g. 86")
 @click.option("--quiet", "-q", is_flag=True, help="print only the result line")
-def main(ckpt, out, labels_files, fp16, tensorrt, max_batch, calibration_images, opset, label_cache, trt_sm, quiet):
+def main(ckpt, out, labels_files, fp16, int8, tensorrt, max_batch, calibration_images, opset, label_cache, trt_sm, quiet):
     """Export a qks checkpoint to a bundle: ONNX graphs verified against PyTorch, tokenizer.json,
     prompts, label banks, and optionally an FP16 graph and TensorRT engines."""
     from .bundle import export_bundle_report, read_labels_file
@@ -53,7 +55,8 @@ def main(ckpt, out, labels_files, fp16, tensorrt, max_batch, calibration_images,
             labels[name] = names
         report = export_bundle_report(ckpt, out, labels=labels, fp16=fp16, tensorrt=tensorrt, max_batch=max_batch,
                                       calibration_images=calibration_images, opset=opset or DEFAULT_OPSET,
-                                      trt_compute_capability=trt_sm, label_cache=label_cache, log=log)
+                                      trt_compute_capability=trt_sm, label_cache=label_cache, log=log,
+                                      int8=int8)
     except ExportError as e:
         _fail(str(e))
     except KeyboardInterrupt:

@@ -132,3 +132,17 @@ def test_static_and_per_tensor_variants(runtime_bundle, clean_photos, tmp_path):
         assert out.shape == ref.shape and np.isfinite(out).all()
     with pytest.raises(ExportError, match="static INT8 quantization needs calibration images"):
         quantize_image_encoder(src, tmp_path / "x.onnx", method="static")
+
+
+def test_qks_export_int8_writes_the_verified_graph(tiny_checkpoint, tmp_path):
+    from click.testing import CliRunner
+    from qks.export.cli import main
+
+    out = tmp_path / "bundle"
+    res = CliRunner().invoke(main, ["--ckpt", str(tiny_checkpoint), "--out", str(out), "--int8", "-q"])
+    assert res.exit_code == 0, res.output
+    rec = json.loads((out / "manifest.json").read_text())["graphs"][GRAPH_NAME]
+    assert rec["file"] == GRAPH_FILE and rec["precision"] == "int8"
+    assert rec["verification"]["top5_agreement"] >= rec["verification"]["tolerance"]["top5_agreement_min"]
+    engine, reason = select_backend(Bundle.load(out), "ort-cpu", precision="auto")
+    assert "int8" in reason
