@@ -13,6 +13,11 @@
   CSV: `image,label,probability,error`, one row per selected label (one row with empty label if
   none, or with the error); with --all-scores `image,<label 1>,...,<label L>,error`.
 - Non-finite model outputs become error records; they are never written as scores.
+- A file name that is not valid UTF-8 (Linux names are bytes) is written with each undecodable
+  byte as a backslash escape, `caf\\xe9.jpg` for the bytes `caf\xe9.jpg` (Python's
+  `os.fsencode(name).decode("utf-8", "backslashreplace")`), so the output stays valid UTF-8 that any
+  JSON or CSV reader takes; `--resume` compares names the same way.
+- A folder without images gives an empty output and a warning, not an error.
 - Output is flushed after every batch, so an interrupted run leaves whole records plus at most a
   partial last line, which `resume` cuts off before continuing; records already there are skipped.
 - `<out>.meta.json` beside the output records the bundle, the backend and why it was chosen, the
@@ -103,6 +108,15 @@ class RunSummary:
     meta: dict = field(default_factory=dict)
 
 
+def display_name(name: str) -> str:
+    """A path as written in records: valid UTF-8, undecodable file-name bytes as `\\xNN` escapes."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 def _fmt(p: float) -> float:
     return float(f"{p:.7g}")
 
@@ -128,6 +142,8 @@ class _Writer:
         self.f.write(buf.getvalue())
 
     def write(self, records: list[dict]) -> None:
+        records = [dict(r, image=display_name(r["image"]), **({"error": display_name(r["error"])} if "error" in r else {}))
+                   for r in records]
         if self.fmt == "jsonl":
             self.f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         else:
@@ -192,6 +208,7 @@ def _write_meta(path: Path | None, meta: dict) -> None:
     if path is None:
         return
     tmp = path.with_name(path.name + ".tmp")
+    meta = {k: display_name(v) if isinstance(v, str) else v for k, v in meta.items()}
     tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
@@ -246,7 +263,12 @@ def run_folder(images: str | Path, engine, bank, preprocess: Preprocess, out: st
             raise InferError(f"{out} exists: pass --resume to continue it or --overwrite to replace it")
     elif opts.resume and out is None:
         raise InferError("--resume needs --out FILE")
-    todo = [p for p in all_images if p not in done]
+    if not all_images:
+        import warnings
+
+        warnings.warn(f"no images under {display_name(str(root))} (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})",
+                      stacklevel=2)
+    todo = [p for p in all_images if display_name(p) not in done]
     summary.skipped = len(all_images) - len(todo)
 
     batch_size = min(opts.batch_size, engine.max_batch) if getattr(engine, "max_batch", None) else opts.batch_size
@@ -326,4 +348,4 @@ def run_folder(images: str | Path, engine, bank, preprocess: Preprocess, out: st
     return summary
 
 
-__all__ = ["IMAGE_EXTENSIONS", "InferError", "InferOptions", "RunSummary", "done_images", "find_images", "run_folder"]
+__all__ = ["IMAGE_EXTENSIONS", "display_name", "InferError", "InferOptions", "RunSummary", "done_images", "find_images", "run_folder"]

@@ -13,6 +13,8 @@ first, then RGB by the rules documented there.
 
 from __future__ import annotations
 
+import errno
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +23,12 @@ from PIL import Image, ImageOps
 from qks.images import to_rgb
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+# Above this many pixels, the intermediate of "resize the shortest side, then crop" is not built:
+# only the crop's region of the source is resampled (Pillow's `box`). A 1 x 100,000 strip would
+# otherwise become a 224 x 22,400,000 image (15 GB) on the way to 224 x 224. Ordinary photos never
+# get near it, so they keep exact parity with torchvision; past it, results differ from the
+# full-size path by a few uint8 levels.
+MAX_INTERMEDIATE_PIXELS = 1 << 24
 
 
 class PreprocessError(ValueError):
@@ -63,10 +71,14 @@ class Preprocess:
         short, long = (w, h) if w <= h else (h, w)
         new_short, new_long = size, int(size * long / short)
         new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-        if (new_w, new_h) != (w, h):
-            img = img.resize((new_w, new_h), resample)
         top = int(round((new_h - size) / 2.0))
         left = int(round((new_w - size) / 2.0))
+        if new_w * new_h > MAX_INTERMEDIATE_PIXELS:
+            sx, sy = w / new_w, h / new_h
+            box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+            return img.resize((size, size), resample, box=box)
+        if (new_w, new_h) != (w, h):
+            img = img.resize((new_w, new_h), resample)
         return img.crop((left, top, left + size, top + size))
 
     def normalize(self, rgb: np.ndarray) -> np.ndarray:
@@ -82,9 +94,16 @@ class Preprocess:
         return self.normalize(np.asarray(self.resize_crop(img), dtype=np.uint8))
 
     def load(self, path) -> np.ndarray:
-        """Decode a file and preprocess it; PreprocessError with a short reason if it cannot."""
+        """Decode a file and preprocess it; PreprocessError with a short reason if it cannot.
+
+        Images of more than `PIL.Image.MAX_IMAGE_PIXELS` pixels are refused from their header,
+        before any pixel is decoded (Pillow itself only warns up to twice that limit)."""
         try:
             with Image.open(path) as img:
+                limit = Image.MAX_IMAGE_PIXELS
+                w, h = img.size
+                if limit and w * h > limit:
+                    raise PreprocessError(f"image too large: {w} x {h} pixels (limit {limit}: PIL.Image.MAX_IMAGE_PIXELS)")
                 img.load()
                 return self(img)
         except PreprocessError:
@@ -98,7 +117,26 @@ class Preprocess:
         except PermissionError:
             raise PreprocessError("permission denied") from None
         except Image.UnidentifiedImageError:
+            if _size(path) == 0:
+                raise PreprocessError("empty file (0 bytes)") from None
             raise PreprocessError("not a readable image (unidentified format)") from None
-        except (OSError, ValueError, SyntaxError, EOFError) as e:  # truncated/corrupt data
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise PreprocessError(f"cannot decode image: {msg[:200]}") from None
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise PreprocessError("symbolic link loop") from None
+            if e.errno is not None and e.strerror:  # an OS error: its text, not the path it names
+                raise PreprocessError(f"cannot read file: {e.strerror}") from None
+            raise PreprocessError(f"cannot decode image: {_first_line(e)}") from None
+        except (ValueError, SyntaxError, EOFError) as e:  # truncated/corrupt data
+            raise PreprocessError(f"cannot decode image: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return msg[:200]
+
+
+def _size(path) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except (OSError, TypeError, ValueError):
+        return None
