@@ -193,20 +193,28 @@ def _atomic_save(path: Path, data: bytes) -> None:
         raise
 
 
-def tokenize(bundle: Bundle, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids and attention mask, int64 [N, T], from the bundle's tokenizer.json (which pads and
-    truncates to T)."""
+def load_tokenizer(bundle: Bundle):
+    """The bundle's tokenizer.json as a `tokenizers.Tokenizer` (BundleError if it cannot load)."""
     from tokenizers import Tokenizer
 
     try:
-        tok = Tokenizer.from_file(str(bundle.tokenizer_file))
+        return Tokenizer.from_file(str(bundle.tokenizer_file))
     except Exception as e:
         raise BundleError(f"tokenizer.json cannot be loaded ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+def tokenize(bundle: Bundle, texts: list[str], tokenizer=None, truncated: list[int] | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids and attention mask, int64 [N, T], from the bundle's tokenizer.json (which pads and
+    truncates to T). `truncated`, when given, receives the indices of texts cut to fit T."""
+    tok = tokenizer if tokenizer is not None else load_tokenizer(bundle)
     encs = tok.encode_batch(texts)
     t = bundle.context_length
     lengths = {len(e.ids) for e in encs}
     if len(lengths) > 1 or (t is not None and lengths != {t}):
         raise BundleError(f"tokenizer.json does not pad/truncate to the context length {t} (got lengths {sorted(lengths)})")
+    if truncated is not None:
+        truncated.extend(i for i, e in enumerate(encs) if e.overflowing)
     return (np.asarray([e.ids for e in encs], dtype=np.int64),
             np.asarray([e.attention_mask for e in encs], dtype=np.int64))
 
@@ -227,32 +235,50 @@ def label_engine(bundle: Bundle, provider: str = "cpu", threads: int | None = No
 
 def encode_labels(bundle: Bundle, names: list[str], *, batch_size: int = 64, threads: int | None = None,
                   engine=None, provider: str = "cpu", progress: bool = False) -> np.ndarray:
-    """[L, D] float32: per label, the mean over the prompt pool of the label encoder's text features."""
+    """[L, D] float32: per label, the mean over the prompt pool of the label encoder's text features.
+
+    Streams: labels are tokenized and encoded a batch of prompts at a time and reduced to their mean
+    at once, so memory holds the [L, D] result plus one batch, whatever L is (100,000 labels are
+    fine). A label whose prompt is longer than the text context is truncated by the tokenizer, as
+    in training; a LabelWarning names how many were and the first."""
     templates = bundle.prompts()
-    prompts = [t.format(label) for label in names for t in templates]
-    ids, mask = tokenize(bundle, prompts)
+    tok = load_tokenizer(bundle)
+    per = max(1, batch_size // len(templates))  # labels per engine run
     own = engine is None
     if own:
         engine = label_engine(bundle, provider, threads)
+    emb = None
+    truncated: list[str] = []
     try:
         from tqdm import tqdm
 
         in_names = [i.name for i in engine.inputs]
         out_name = engine.outputs[0].name
-        feats = []
-        starts = range(0, len(ids), batch_size)
+        starts = range(0, len(names), per)
         for i in tqdm(starts, desc="encoding labels", unit="batch", file=sys.stderr,
                       disable=not progress or len(starts) < 2, leave=False):
-            feeds = {"token_ids": ids[i:i + batch_size]}
-            if "attention_mask" in in_names:
-                feeds["attention_mask"] = mask[i:i + batch_size]
-            feats.append(engine.run(feeds)[out_name])
+            chunk = names[i:i + per]
+            cut: list[int] = []
+            ids, mask = tokenize(bundle, [t.format(label) for label in chunk for t in templates], tok, cut)
+            truncated.extend(dict.fromkeys(chunk[j // len(templates)] for j in cut))
+            feats = []
+            for j in range(0, len(ids), batch_size):
+                feeds = {"token_ids": ids[j:j + batch_size]}
+                if "attention_mask" in in_names:
+                    feeds["attention_mask"] = mask[j:j + batch_size]
+                feats.append(engine.run(feeds)[out_name])
+            mean = np.concatenate(feats).astype(np.float64).reshape(len(chunk), len(templates), -1).mean(axis=1)
+            if emb is None:
+                emb = np.empty((len(names), mean.shape[1]), dtype=np.float32)
+            emb[i:i + len(chunk)] = mean
     finally:
         if own:
             engine.close()
-    feats = np.concatenate(feats).astype(np.float64)
-    emb = feats.reshape(len(names), len(templates), -1).mean(axis=1).astype(np.float32)
-    if not np.isfinite(emb).all():
+    if truncated:
+        warnings.warn(f"{len(truncated)} label(s) make prompts longer than the text context of {bundle.context_length} "
+                      f"tokens and were truncated (as in training), e.g. {truncated[0][:60]!r}"
+                      + ("..." if len(truncated[0]) > 60 else ""), LabelWarning, stacklevel=2)
+    if emb is None or not np.isfinite(emb).all():
         raise BundleError("the label encoder produced non-finite embeddings")
     return emb
 
