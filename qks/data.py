@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .images import open_rgb
+from .images import ImageTooLarge, check_pixels, open_rgb
 
 UNLISTED = ("negative", "unknown")
 MAX_REPORTED = 10  # problems listed in one error before "... and N more"
@@ -158,7 +158,11 @@ def _image_problem(path: str) -> str | None:
         return f"image not found: {path}"
     try:
         with Image.open(path) as im:  # reads the header only: cheap, catches non-images
-            im.size  # noqa: B018
+            check_pixels(im)
+    except ImageTooLarge as e:
+        return f"{e}: {path}"
+    except Image.DecompressionBombError:
+        return f"image too large (over twice PIL.Image.MAX_IMAGE_PIXELS): {path}"
     except Exception as e:  # PIL raises several types for broken files
         return f"image unreadable: {path} ({type(e).__name__})"
     return None

@@ -46,8 +46,23 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] | None = None) -> 
     return img.convert("RGB")
 
 
+class ImageTooLarge(ValueError):
+    """More pixels than `PIL.Image.MAX_IMAGE_PIXELS`: refused from the header, before decoding."""
+
+
+def check_pixels(img: Image.Image) -> None:
+    """Refuse an opened (not yet decoded) image above Pillow's decompression-bomb limit. Pillow
+    itself raises only above twice the limit and merely warns in between."""
+    limit = Image.MAX_IMAGE_PIXELS
+    w, h = img.size
+    if limit and w * h > limit:
+        raise ImageTooLarge(f"image too large: {w} x {h} pixels (limit {limit}: PIL.Image.MAX_IMAGE_PIXELS)")
+
+
 def open_rgb(path) -> Image.Image:
-    """Decode a file to an RGB image with EXIF orientation applied (errors propagate)."""
+    """Decode a file to an RGB image with EXIF orientation applied (errors propagate; ImageTooLarge
+    above the pixel limit)."""
     with Image.open(path) as img:
+        check_pixels(img)
         img.load()
         return to_rgb(ImageOps.exif_transpose(img))

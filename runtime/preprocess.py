@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-from qks.images import to_rgb
+from qks.images import ImageTooLarge, check_pixels, to_rgb
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 # Above this many pixels, the intermediate of "resize the shortest side, then crop" is not built:
@@ -100,14 +100,13 @@ class Preprocess:
         before any pixel is decoded (Pillow itself only warns up to twice that limit)."""
         try:
             with Image.open(path) as img:
-                limit = Image.MAX_IMAGE_PIXELS
-                w, h = img.size
-                if limit and w * h > limit:
-                    raise PreprocessError(f"image too large: {w} x {h} pixels (limit {limit}: PIL.Image.MAX_IMAGE_PIXELS)")
+                check_pixels(img)
                 img.load()
                 return self(img)
         except PreprocessError:
             raise
+        except ImageTooLarge as e:
+            raise PreprocessError(str(e)) from None
         except Image.DecompressionBombError:
             raise PreprocessError("image too large (decompression bomb limit)") from None
         except FileNotFoundError:
