@@ -60,8 +60,12 @@ def check_compatible(meta: dict, trt_version: str, sm, *, trt_module: str | None
     if trt_module and built_mod and built_mod != trt_module:
         raise EngineError(f"{plan_name} was built by {built_mod}, this machine has {trt_module}: "
                           "re-export with qks-export --tensorrt on this machine")
+    missing = [k for k in ("trt_version", "sm") if meta.get(k) in (None, "")]
+    if missing:
+        raise EngineError(f"{plan_name}: its sidecar does not say which {' or '.join(missing)} it was built for; "
+                          "re-export with qks-export --tensorrt on this machine")
     built_ver = meta.get("trt_version")
-    if built_ver is None or str(built_ver) != str(trt_version):
+    if str(built_ver) != str(trt_version):
         raise EngineError(f"{plan_name} was built with TensorRT {built_ver}, this machine has TensorRT "
                           f"{trt_version}: re-export with qks-export --tensorrt on this machine")
     built_sm = meta.get("sm")

@@ -335,10 +335,10 @@ def train(options: TrainOptions | None = None, resume: str | Path | None = None,
         optimizer.load_state_dict(train_state["optimizer"])
         scheduler.load_state_dict(train_state["scheduler"])
         set_rng_state(train_state["rng"])
-        # Records of an epoch that was running when the run stopped are dropped; it runs again.
+        # Records of an epoch that was running when the run stopped are dropped; it runs again. So is
+        # a half-written line (a kill while the record was being appended).
         if metrics_path.is_file():
-            kept = [ln for ln in metrics_path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln)["epoch"] <= start_epoch]
+            kept = [ln for ln in metrics_path.read_text().splitlines() if _epoch_of(ln, start_epoch)]
             metrics_path.write_text("".join(ln + "\n" for ln in kept))
         log(f"resuming {out} after epoch {start_epoch} (best validation score {best_score:.4f})")
     else:
@@ -404,6 +404,15 @@ def train(options: TrainOptions | None = None, resume: str | Path | None = None,
             f"{' (best)' if improved else ''} [{record['seconds']:.1f}s]")
         summary = {**record, "best_score": best_score}
     return summary
+
+
+def _epoch_of(line: str, done: int) -> bool:
+    """Whether a metrics.jsonl line is a whole record of an epoch <= `done`."""
+    try:
+        rec = json.loads(line)
+        return isinstance(rec, dict) and int(rec["epoch"]) <= done
+    except (ValueError, KeyError, TypeError):
+        return False
 
 
 def _first_line(e: BaseException) -> str:

@@ -301,3 +301,28 @@ def test_training_loader_refuses_a_large_image_before_decoding(root):
     (root / "img" / "big.png").write_bytes(png_header(10_000, 9_000))
     with pytest.raises(OSError, match=r"cannot read image .*big\.png: image too large: 10000 x 9000 pixels"):
         load_rgb(str(root / "img" / "big.png"))
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"trt_version": "10.0.1"}, "x.plan was built with TensorRT 10.0.1, this machine has TensorRT 10.8.0.43: "
+                                "re-export with qks-export --tensorrt on this machine"),
+    ({"sm": "86", "gpu_name": "NVIDIA A10"}, "x.plan was built for GPU sm_86 (NVIDIA A10), this GPU is sm_90: "
+                                             "re-export with qks-export --tensorrt on this machine"),
+    ({"trt_module": "tensorrt_rtx"}, "x.plan was built by tensorrt_rtx, this machine has tensorrt"),
+    ({"trt_version": None}, "x.plan: its sidecar does not say which trt_version it was built for"),
+    ({"sm": None, "trt_version": ""}, "x.plan: its sidecar does not say which trt_version or sm it was built for"),
+])
+def test_plan_sidecar_for_another_tensorrt_or_gpu_says_which(tmp_path, change, message):
+    """Read from the sidecar file as TrtEngine does, then checked against this machine (TensorRT
+    10.8.0.43 on sm_90 here): no GPU or TensorRT needed to refuse."""
+    from qks.engines.base import EngineError
+    from qks.engines.plan import check_compatible, read_sidecar
+
+    plan = tmp_path / "x.plan"
+    plan.write_bytes(b"plan")
+    meta = {"graph": "image_encoder_fp16", "trt_module": "tensorrt", "trt_version": "10.8.0.43", "sm": "90",
+            "gpu_name": "NVIDIA H100 80GB HBM3"}
+    (tmp_path / "x.json").write_text(json.dumps({**meta, **change}))
+    with pytest.raises(EngineError) as e:
+        check_compatible(read_sidecar(plan), "10.8.0.43", (9, 0), trt_module="tensorrt", plan_name=plan.name)
+    assert str(e.value).startswith(message)
