@@ -213,9 +213,37 @@ def _load(ckpt):
     return ckpt_dict, model.eval()
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux `renameat2(RENAME_EXCHANGE)`); False where the C
+    library, kernel or filesystem cannot."""
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _remove_bundle(path: Path) -> None:
+    """Delete a replaced bundle, its manifest first: a delete cut short never leaves a folder that
+    still looks like a bundle."""
+    (path / "manifest.json").unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def _replace(tmp: Path, out: Path) -> None:
-    """Move the finished bundle into place; an old bundle at `out` is moved aside first and removed
-    only after the new one is in place."""
+    """Move the finished bundle into place. An old bundle at `out` is swapped with the new one in
+    one atomic step where the OS can (so `out` is at every instant the whole old or the whole new
+    bundle), else moved aside first and removed only after the new one is in place."""
+    if out.exists() and _exchange(tmp, out):
+        _remove_bundle(tmp)  # now the old bundle
+        return
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{int(time.time() * 1000)}")
@@ -227,7 +255,7 @@ def _replace(tmp: Path, out: Path) -> None:
             old.rename(out)
         raise ExportError(f"cannot move the bundle into {out}: {e.strerror or e}") from None
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove_bundle(old)
 
 
 # ---------------------------------------------------------------------------------------------

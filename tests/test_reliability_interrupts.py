@@ -184,3 +184,33 @@ def test_train_resumes_from_what_a_kill_mid_write_leaves(tmp_path):
     assert epochs == [1, 2]
     assert torch.load(run / "last.pt", map_location="cpu", weights_only=True)["train_state"]["epoch"] == 2
     assert not (run / "last.pt.tmp").exists()
+
+
+@pytest.mark.parametrize("atomic", [True, False])
+def test_export_swaps_the_new_bundle_in(tmp_path, monkeypatch, atomic):
+    """The last step of an export: on Linux the old and the new bundle trade places in one
+    renameat2(RENAME_EXCHANGE), so no instant exists without a whole bundle at `out`; elsewhere the
+    old one is moved aside first. Either way the old one is deleted manifest first, nothing is left."""
+    from qks.export import bundle as B
+
+    out, tmp = tmp_path / "bundle", tmp_path / ".bundle.tmp-x"
+    for d, tag in ((out, "old"), (tmp, "new")):
+        (d / "labels").mkdir(parents=True)
+        (d / "manifest.json").write_text(tag)
+        (d / "labels" / "default.npy").write_text(tag)
+    if atomic:
+        probe = [tmp_path / "probe-a", tmp_path / "probe-b"]
+        for d in probe:
+            d.mkdir()
+        ok = B._exchange(*probe)
+        for d in probe:
+            d.rmdir()
+        if not ok:
+            pytest.skip("no renameat2(RENAME_EXCHANGE) on this OS or filesystem")
+    results = []
+    real = B._exchange
+    monkeypatch.setattr(B, "_exchange", lambda a, b: results.append(real(a, b) if atomic else False) or results[-1])
+    B._replace(tmp, out)
+    assert results == [atomic]  # the swap was (or, made unavailable, was not) what replaced it
+    assert (out / "manifest.json").read_text() == "new" and (out / "labels" / "default.npy").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
