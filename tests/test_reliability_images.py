@@ -61,6 +61,7 @@ EXPECTED = {
     "loop_a.jpg": "symbolic link loop",
     "loop_b.jpg": "symbolic link loop",
     "caf\\xe9.jpg": "ok",  # the file name is the bytes b"caf\xe9.jpg": not UTF-8
+    "new\nline,\"quoted\".jpg": "ok",  # a newline, a comma and quotes in the name: JSON/CSV escaping
 }
 
 
@@ -97,6 +98,7 @@ def zoo(tmp_path_factory) -> Path:
     os.symlink(root / "loop_b.jpg", root / "loop_a.jpg")
     os.symlink(root / "loop_a.jpg", root / "loop_b.jpg")
     _rgb(7).save(os.path.join(os.fsencode(root), b"caf\xe9.jpg"), quality=90)
+    _rgb(9).save(root / 'new\nline,"quoted".jpg', format="JPEG")
     (root / "folder.jpg").mkdir()  # a folder named like an image: not an image, not listed
     (root / "folder.jpg" / "inner.png").write_bytes((root / "one_pixel.png").read_bytes())
     os.mkfifo(root / "pipe.jpg")  # would block a decoder: skipped
@@ -150,20 +152,29 @@ def test_non_utf8_name_is_backslash_escaped_and_resumes(zoo_run, zoo, runtime_bu
     res = run_blocked("infer", [str(zoo), "--bundle", str(runtime_bundle), "--threads", "1", "--no-progress",  # noqa: F405
                                 "--all-scores", "--out", str(out), "--resume"])
     assert res.returncode == 0, res.stderr
-    assert "0 images tagged (0 errors, 19 already done)" in res.stderr
+    assert f"0 images tagged (0 errors, {len(EXPECTED) + 1} already done)" in res.stderr
     assert out.read_bytes() == raw
 
 
-def test_non_utf8_name_in_csv(zoo, runtime_bundle, tmp_path):
+def test_odd_names_in_csv_and_resume(zoo, runtime_bundle, tmp_path):
+    import csv
+
     one = tmp_path / "one"
     one.mkdir()
     shutil.copy(os.path.join(os.fsencode(zoo), b"caf\xe9.jpg"), os.path.join(os.fsencode(one), b"\xff\xfe.png"))
+    shutil.copy(zoo / 'new\nline,"quoted".jpg', one / 'new\nline,"quoted".jpg')
     out = tmp_path / "o.csv"
-    res = run_blocked("infer", [str(one), "--bundle", str(runtime_bundle), "--threads", "1", "--no-progress",  # noqa: F405
-                                "--top-k", "1", "--out", str(out)])
+    args = [str(one), "--bundle", str(runtime_bundle), "--threads", "1", "--no-progress", "--top-k", "1",
+            "--out", str(out)]
+    res = run_blocked("infer", args)  # noqa: F405
     assert res.returncode == 0, res.stderr
-    rows = out.read_bytes().decode("utf-8").splitlines()
-    assert rows[0] == "image,label,probability,error" and rows[1].startswith("\\xff\\xfe.png,")
+    raw = out.read_bytes()
+    rows = list(csv.reader(raw.decode("utf-8").splitlines(keepends=True)))
+    assert rows[0] == ["image", "label", "probability", "error"]
+    assert [r[0] for r in rows[1:]] == ['new\nline,"quoted".jpg', "\\xff\\xfe.png"]  # undecodable bytes sort last
+    res = run_blocked("infer", args + ["--resume"])  # noqa: F405
+    assert res.returncode == 0 and "0 images tagged (0 errors, 2 already done)" in res.stderr, res.stderr
+    assert out.read_bytes() == raw
 
 
 def test_animated_gif_is_its_first_frame(zoo, runtime_bundle):
