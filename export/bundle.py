@@ -162,7 +162,7 @@ def read_labels_file(path: str | Path) -> tuple[str, list[str]]:
     if not path.is_file():
         raise ExportError(f"labels file not found: {path}")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM is not part of the first label
     except UnicodeDecodeError:
         raise ExportError(f"labels file {path} is not UTF-8 text") from None
     names = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]

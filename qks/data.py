@@ -87,7 +87,8 @@ def read_label_list(path: str | Path, what: str = "label list") -> list[str]:
     if not path.is_file():
         raise ManifestError(f"{what} not found: {path}")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # a BOM (what Windows editors write) is not part of the first label
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise ManifestError(f"{path}: cannot read {what} ({e})") from None
     labels, first = [], {}
@@ -175,7 +176,7 @@ def read_manifest(path: str | Path, labels: Sequence[str] | None = None, skip_ba
     if not path.is_file():
         raise ManifestError(f"manifest not found: {path}")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM is not part of the first line
     except (OSError, UnicodeDecodeError) as e:
         raise ManifestError(f"{path}: cannot read manifest ({e})") from None
     root = os.path.normpath(os.path.abspath(path.parent))

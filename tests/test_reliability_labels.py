@@ -143,3 +143,27 @@ def test_100k_labels_stream_with_bounded_memory(bundle_copy):
         peaks[n] = int(res.stdout.split()[-1])
     print(f"peak RSS: 1,000 labels {peaks[1_000]} MiB, 100,000 labels {peaks[100_000]} MiB")
     assert peaks[100_000] - peaks[1_000] < 64
+
+
+def test_training_label_lists_and_manifest_with_bom_and_crlf(tmp_path):
+    """A BOM (what Windows editors write) is not part of the first label or manifest line."""
+    from PIL import Image
+
+    from qks.data import read_label_lists, read_manifest
+
+    (tmp_path / "seen.txt").write_bytes(b"\xef\xbb\xbfred\r\nblue\r\n\r\n")
+    (tmp_path / "unseen.txt").write_bytes(b"\xef\xbb\xbfgreen\r\n")
+    seen, unseen = read_label_lists(tmp_path / "seen.txt", tmp_path / "unseen.txt")
+    assert (seen, unseen) == (["red", "blue"], ["green"])
+    Image.new("RGB", (8, 8)).save(tmp_path / "0.png")
+    (tmp_path / "m.jsonl").write_bytes(b'\xef\xbb\xbf{"image": "0.png", "labels": ["red"]}\r\n')
+    (s,) = read_manifest(tmp_path / "m.jsonl", seen + unseen).samples
+    assert s.positives == ("red",)
+
+
+def test_export_label_file_with_bom_and_crlf(tmp_path):
+    from qks.export.bundle import read_labels_file
+
+    f = tmp_path / "animals.txt"
+    f.write_bytes(b"\xef\xbb\xbfzebra\r\ngiraffe\r\n")
+    assert read_labels_file(f) == ("animals", ["zebra", "giraffe"])
