@@ -273,8 +273,8 @@ def run(args, log=print) -> dict:
 
     return {
         "benchmark": "real_data", "data": str(data), "mosaic": mosaic["config"],
-        "test_images": len(samples), "zsl_images": rows["chance"]["zsl_images"],
-        "gzsl_images": rows["chance"]["gzsl_images"], "seen": seen, "unseen": unseen,
+        "test_images": len(samples), "zsl_images": int(rows["chance"]["zsl_images"]),
+        "gzsl_images": int(rows["chance"]["gzsl_images"]), "seen": seen, "unseen": unseen,
         "settings": {"backbone": "lite", "layers": args.layers, "queries": args.queries, "ffn": args.ffn,
                      "lr": args.lr, "projection_lr": args.proj_lr, "epochs": args.epochs, "loss": args.loss,
                      "batch_size": args.batch_size, "val_fraction": args.val_fraction, "seed": args.seed,
