@@ -49,7 +49,9 @@ def test_unusable_label_files_stop_the_run(runtime_bundle, one_image, tmp_path, 
 def test_label_file_that_is_a_folder(runtime_bundle, one_image, tmp_path):
     res = _infer(runtime_bundle, one_image, tmp_path, tmp_path / "out.jsonl")
     assert res.returncode == 2
-    assert "qks-infer: error:" in res.stderr and str(tmp_path) in res.stderr and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1] == (f"qks-infer: error: Invalid value for '--labels': File '{tmp_path}' "
+                                                   "is a directory. (see qks-infer --help)")
+    assert "Traceback" not in res.stderr
 
 
 def test_bom_crlf_blank_lines_and_duplicates_end_to_end(runtime_bundle, one_image, tmp_path):
