@@ -87,13 +87,6 @@ class IntegrityError(ValueError):
     """A data file whose sha256 is not the recorded one."""
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def read_verified(path: str | Path, expected_sha256: str) -> bytes:
     """The file's bytes, after checking their sha256 (IntegrityError on a mismatch)."""

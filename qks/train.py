@@ -38,6 +38,7 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import RECIPES, HeadConfig, ModelConfig
 from .data import Manifest, ManifestDataset, read_label_lists, read_manifest
 from .evaluate import DEFAULT_TOPK, autocast, json_safe, predict, resolve_device
+from .hashing import sha256_file
 from .losses import LOSSES, get_loss
 from .metrics import f1_at_k, gzsl_selection, mean_average_precision
 from .model import QKSModel
@@ -141,13 +142,6 @@ def split_validation(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
-def _file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 # ---- RNG state as plain values (weights_only checkpoints hold no numpy arrays) -----------------
 
@@ -201,7 +195,7 @@ def cache_tokens(model: QKSModel, manifest: Manifest, out: Path, device: torch.d
 
     path, meta_path = out / TOKENS_FILE, out / "tokens.json"
     key = hashlib.sha256(json.dumps({
-        "manifest": _file_sha256(manifest.path),
+        "manifest": sha256_file(manifest.path),
         "images": [s.path for s in manifest.samples],
         "backbone": model.config.backbone,
         "weights": module_fingerprint(model.backbone) if isinstance(model.backbone, torch.nn.Module) else "",
@@ -294,7 +288,7 @@ def train(options: TrainOptions | None = None, resume: str | Path | None = None,
     manifest = read_manifest(o.data, seen + unseen, skip_bad=o.skip_bad, progress=progress)
     if manifest.skipped:
         log(f"warning: skipped {len(manifest.skipped)} bad line(s) of {o.data}")
-    manifest_sha = _file_sha256(o.data)
+    manifest_sha = sha256_file(o.data)
     if train_state is not None and train_state.get("manifest_sha256") != manifest_sha:
         raise TrainError(f"cannot resume {out}: {o.data} changed since the run started")
     train_rows, val_rows = split_validation(len(manifest.samples), o.val_fraction, o.seed)

