@@ -91,6 +91,21 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
 
 
+def manifest_json(bundle: Path) -> dict:
+    import json
+
+    return json.loads((Path(bundle) / "manifest.json").read_text())
+
+
+def rewrite_manifest(bundle: Path, edit) -> None:
+    """Edit a bundle's manifest in place: `edit(manifest_dict)`, then write it back."""
+    from qks.runtime.manifest import write_manifest
+
+    m = manifest_json(bundle)
+    edit(m)
+    write_manifest(bundle, m)
+
+
 def torch_probs(ckpt_path, pixels: np.ndarray, names: list[str]) -> np.ndarray:
     """The PyTorch model's probabilities for preprocessed pixels and label names."""
     import torch
@@ -110,4 +125,5 @@ def torch_probs(ckpt_path, pixels: np.ndarray, names: list[str]) -> np.ndarray:
 
 # Helpers only: the fixtures above are registered once, in conftest.py, so the session-scoped
 # bundle is exported once per test run (a star import of a fixture would re-register it per module).
-__all__ = ["BLOCK_TORCH", "PHOTOS", "photo", "read_jsonl", "run_blocked", "torch_probs"]
+__all__ = ["BLOCK_TORCH", "PHOTOS", "manifest_json", "photo", "read_jsonl", "rewrite_manifest", "run_blocked",
+           "torch_probs"]

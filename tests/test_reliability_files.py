@@ -25,18 +25,9 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
-from qks.runtime.manifest import file_record, write_manifest
+from qks.runtime.manifest import file_record
 from runtime_fixtures import *  # noqa: F403
-
-
-def _manifest(b):
-    return json.loads((b / "manifest.json").read_text())
-
-
-def _rewrite(b, fn):
-    m = _manifest(b)
-    fn(m)
-    write_manifest(b, m)
+from runtime_fixtures import rewrite_manifest
 
 
 def _infer(bundle, images, out, *extra):
@@ -55,28 +46,28 @@ def _missing(b):
 
 def _bank_float64(b):
     np.save(b / "labels" / "default.npy", np.zeros((5, 32), np.float64))
-    _rewrite(b, lambda m: m["files"].update({"labels/default.npy": file_record(b, "labels/default.npy")}))
+    rewrite_manifest(b, lambda m: m["files"].update({"labels/default.npy": file_record(b, "labels/default.npy")}))
 
 
 def _bank_shape(b):
     np.save(b / "labels" / "default.npy", np.zeros((5, 7), np.float32))
-    _rewrite(b, lambda m: (m["files"].update({"labels/default.npy": file_record(b, "labels/default.npy")}),
+    rewrite_manifest(b, lambda m: (m["files"].update({"labels/default.npy": file_record(b, "labels/default.npy")}),
                            m["label_banks"]["default"].update(shape=[5, 7])))
 
 
 def _bank_pickle(b):
     np.save(b / "labels" / "default.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    _rewrite(b, lambda m: m["files"].update({"labels/default.npy": file_record(b, "labels/default.npy")}))
+    rewrite_manifest(b, lambda m: m["files"].update({"labels/default.npy": file_record(b, "labels/default.npy")}))
 
 
 TAMPERED = {
     "modified": (_modify, "bundle file prompts.txt does not match its sha256 in the manifest (corrupt or modified)"),
     "missing": (_missing, "bundle file missing: tokenizer.json"),
-    "dotdot": (lambda b: _rewrite(b, lambda m: m["graphs"]["image_encoder"].update(file="../image_encoder.onnx")),
+    "dotdot": (lambda b: rewrite_manifest(b, lambda m: m["graphs"]["image_encoder"].update(file="../image_encoder.onnx")),
                "manifest path '../image_encoder.onnx' must be a plain relative path inside the bundle"),
-    "absolute": (lambda b: _rewrite(b, lambda m: m["files"].update({"/etc/passwd": {"sha256": "0" * 64}})),
+    "absolute": (lambda b: rewrite_manifest(b, lambda m: m["files"].update({"/etc/passwd": {"sha256": "0" * 64}})),
                  "manifest path '/etc/passwd' must be a plain relative path inside the bundle"),
-    "schema": (lambda b: _rewrite(b, lambda m: m.update(schema_version=99)),
+    "schema": (lambda b: rewrite_manifest(b, lambda m: m.update(schema_version=99)),
                "bundle schema version 99 is not supported (this qks reads version 1); re-export it with this qks"),
     "bank-dtype": (_bank_float64, "label bank 'default' must be float32 [L, D], is float64 [5, 32]"),
     "bank-shape": (_bank_shape, "label bank 'default' has dimension 7, the model's is 32"),
@@ -207,7 +198,7 @@ def test_graph_that_overflows_gives_error_records_not_scores(bundle_copy, tmp_pa
     from PIL import Image
 
     _overflowing_image_graph(bundle_copy / "image_encoder.onnx")
-    _rewrite(bundle_copy, lambda m: m["files"].update({"image_encoder.onnx": file_record(bundle_copy, "image_encoder.onnx")}))
+    rewrite_manifest(bundle_copy, lambda m: m["files"].update({"image_encoder.onnx": file_record(bundle_copy, "image_encoder.onnx")}))
     images = tmp_path / "images"
     images.mkdir()
     photo("astronaut").resize((64, 64)).save(images / "a_photo.png")  # noqa: F405

@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 import pytest
 from qks.runtime.bundle import Bundle
-from qks.runtime.manifest import BundleError, file_record, write_manifest
+from qks.runtime.manifest import BundleError, file_record
 from runtime_fixtures import *  # noqa: F403
-
-
-def _manifest(b):
-    return json.loads((b / "manifest.json").read_text())
-
-
-def _rewrite(b, fn):
-    m = _manifest(b)
-    fn(m)
-    write_manifest(b, m)
+from runtime_fixtures import rewrite_manifest
 
 
 def test_loads_and_describes(runtime_bundle):
@@ -32,7 +22,7 @@ def test_loads_and_describes(runtime_bundle):
 
 
 def test_unknown_schema_version(bundle_copy):
-    _rewrite(bundle_copy, lambda m: m.update(schema_version=2))
+    rewrite_manifest(bundle_copy, lambda m: m.update(schema_version=2))
     with pytest.raises(BundleError, match="schema version 2 is not supported"):
         Bundle.load(bundle_copy)
 
@@ -67,7 +57,7 @@ def test_truncated_and_missing_files(bundle_copy):
 
 @pytest.mark.parametrize("bad", ["../outside.onnx", "/etc/passwd", "a\\b.onnx", "./x.onnx", "~/x.onnx"])
 def test_paths_must_stay_inside(bundle_copy, bad):
-    _rewrite(bundle_copy, lambda m: m["graphs"]["image_encoder"].update(file=bad))
+    rewrite_manifest(bundle_copy, lambda m: m["graphs"]["image_encoder"].update(file=bad))
     with pytest.raises(BundleError, match="plain relative path"):
         Bundle.load(bundle_copy)
 
@@ -81,7 +71,7 @@ def test_symlink_out_of_the_bundle_is_refused(bundle_copy, tmp_path):
 
 
 def test_referenced_file_must_be_listed(bundle_copy):
-    _rewrite(bundle_copy, lambda m: m["files"].pop("tokenizer.json"))
+    rewrite_manifest(bundle_copy, lambda m: m["files"].pop("tokenizer.json"))
     with pytest.raises(BundleError, match="tokenizer file tokenizer.json is not listed"):
         Bundle.load(bundle_copy)
 
@@ -100,7 +90,7 @@ def _replace_bank(b, arr=None, raw=None, names=None):
         m["files"]["labels/default.txt"] = file_record(b, "labels/default.txt")
         if arr is not None and getattr(arr, "ndim", 0) == 2:
             m["label_banks"]["default"]["shape"] = list(arr.shape)
-    _rewrite(b, fix)
+    rewrite_manifest(b, fix)
 
 
 def test_bank_needing_pickle_is_refused(bundle_copy):
@@ -125,14 +115,14 @@ def test_bank_wrong_dtype_shape_names(bundle_copy):
 
 
 def test_default_bank_choice(bundle_copy):
-    _rewrite(bundle_copy, lambda m: m.pop("default_bank", None))
-    _rewrite(bundle_copy, lambda m: m["label_banks"].update(other=dict(m["label_banks"]["default"])))
+    rewrite_manifest(bundle_copy, lambda m: m.pop("default_bank", None))
+    rewrite_manifest(bundle_copy, lambda m: m["label_banks"].update(other=dict(m["label_banks"]["default"])))
     assert Bundle.load(bundle_copy).default_bank() == "default"
-    _rewrite(bundle_copy, lambda m: m["label_banks"].update(third=m["label_banks"].pop("default")))
+    rewrite_manifest(bundle_copy, lambda m: m["label_banks"].update(third=m["label_banks"].pop("default")))
     with pytest.raises(BundleError, match="several label banks"):
         Bundle.load(bundle_copy).default_bank()
-    _rewrite(bundle_copy, lambda m: m.update(default_bank="third"))
+    rewrite_manifest(bundle_copy, lambda m: m.update(default_bank="third"))
     assert Bundle.load(bundle_copy).default_bank() == "third"
-    _rewrite(bundle_copy, lambda m: m.update(default_bank="gone"))
+    rewrite_manifest(bundle_copy, lambda m: m.update(default_bank="gone"))
     with pytest.raises(BundleError, match="default_bank 'gone' is not one of its label banks"):
         Bundle.load(bundle_copy).default_bank()
