@@ -9,6 +9,7 @@ same model). Without a third part it is `openai`, as in the paper.
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 
 import torch
@@ -29,6 +30,22 @@ def _import_open_clip():
             "the openclip backbone needs open_clip: pip install 'qks[train]'"
         ) from e
     return open_clip
+
+
+class _NoRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_random_init():
+    """open_clip warns on every random-initialised model; `none` asks for exactly that."""
+    root, quiet = logging.getLogger(), _NoRandomInitWarning()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
 
 
 def _resolve_arch(open_clip, arch: str) -> str:
@@ -57,7 +74,8 @@ class OpenClipBackbone(nn.Module):
         with fork:
             if pretrained is None:
                 torch.manual_seed(RANDOM_INIT_SEED)
-            model = open_clip.create_model(name, pretrained=pretrained, weights_only=True)
+            with _quiet_random_init():
+                model = open_clip.create_model(name, pretrained=pretrained, weights_only=True)
         visual = model.visual
         if not hasattr(visual, "_embeds") or getattr(visual, "attn_pool", None) is not None:
             raise ValueError(f"{arch}: only open_clip ViT image towers without attention pooling are supported")
