@@ -50,11 +50,17 @@ def test_projection_only_head_reads_the_image():
                     f"Animal-MNIST ({mosaic.ANIMAL_INSTALL})")
 def test_real_data_benchmark_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import torch
+
+    threads = torch.get_num_threads()  # the script sets its own; it must not leak into later tests
     out_json, out_md = tmp_path / "real_data.json", tmp_path / "real_data.md"
-    rc = real_data.main([
-        "--data", str(tmp_path / "mosaic"), "--train", "48", "--test", "24", "--work", str(tmp_path / "work"),
-        "--epochs", "1", "--layers", "1", "--queries", "4", "--ffn", "256", "--batch-size", "16",
-        "--val-fraction", "0.25", "--chance-draws", "8", "--json", str(out_json), "--markdown", str(out_md)])
+    try:
+        rc = real_data.main([
+            "--data", str(tmp_path / "mosaic"), "--train", "48", "--test", "24", "--work", str(tmp_path / "work"),
+            "--epochs", "1", "--layers", "1", "--queries", "4", "--ffn", "256", "--batch-size", "16",
+            "--val-fraction", "0.25", "--chance-draws", "8", "--json", str(out_json), "--markdown", str(out_md)])
+    finally:
+        torch.set_num_threads(threads)
     assert rc == 0
     r = json.loads(out_json.read_text())
 

@@ -174,7 +174,9 @@ def test_resume_after_epoch_one_equals_uninterrupted(ds, tmp_path):
 def test_killed_mid_run_resumes_to_the_same_weights(ds, tmp_path):
     """A real process killed once its first last.pt exists, then --resume, equals an unbroken run."""
     killed, full = tmp_path / "killed", tmp_path / "full"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    # Every run in its own process with the same environment: bit-exact equality needs the same
+    # torch thread count, and other tests may have changed this process's.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-c", "from qks.cli import train_main; train_main()"]
     proc = subprocess.Popen(cmd + train_args(ds, killed, "--epochs", "30", "--cached-tokens"), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -190,8 +192,10 @@ def test_killed_mid_run_resumes_to_the_same_weights(ds, tmp_path):
     done = torch.load(killed / "last.pt", map_location="cpu", weights_only=True)["train_state"]["epoch"]
     assert done < 30
     target = str(done + 1)
-    ok(train_main, ["--resume", str(killed), "--epochs", target, "--quiet"])
-    ok(train_main, train_args(ds, full, "--epochs", target, "--cached-tokens"))
+    for args in (["--resume", str(killed), "--epochs", target, "--quiet"],
+                 train_args(ds, full, "--epochs", target, "--cached-tokens")):
+        res = subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr
     assert_same_head(full / "last.pt", killed / "last.pt")
     epochs = [json.loads(x)["epoch"] for x in (killed / "metrics.jsonl").read_text().splitlines()]
     assert epochs == list(range(1, done + 2))
