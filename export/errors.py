@@ -13,3 +13,18 @@ def one_line(e: BaseException) -> str:
         if line.strip():
             return line.strip()
     return type(e).__name__
+
+
+def write_checked_onnx(model, path, what: str):
+    """Write an ONNX model atomically (temp file + rename), then run the full ONNX checker on it;
+    ExportError naming `what` if the written model is not valid."""
+    import onnx
+
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(model.SerializeToString())
+    tmp.replace(path)
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as e:
+        raise ExportError(f"{what} is not a valid ONNX model: {one_line(e)}") from e
+    return path

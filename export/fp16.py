@@ -14,7 +14,7 @@ import io
 import warnings
 from pathlib import Path
 
-from .errors import ExportError, one_line
+from .errors import ExportError, one_line, write_checked_onnx
 
 KEEP_FP32_OPS = [
     "LayerNormalization",
@@ -54,14 +54,7 @@ def convert_to_fp16(src: str | Path, dst: str | Path) -> Path:
             fp16 = float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=block)
     except Exception as e:
         raise ExportError(f"FP16 conversion of {Path(src).name} failed: {one_line(e)}") from e
-    tmp = dst.with_name(dst.name + ".tmp")
-    tmp.write_bytes(fp16.SerializeToString())
-    tmp.replace(dst)
-    try:
-        onnx.checker.check_model(str(dst), full_check=True)
-    except Exception as e:
-        raise ExportError(f"FP16 graph {dst.name} is not a valid ONNX model: {one_line(e)}") from e
-    return dst
+    return write_checked_onnx(fp16, dst, f"FP16 graph {dst.name}")
 
 
 def fp16_summary(path: str | Path) -> dict:

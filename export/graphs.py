@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ExportError, one_line
+from .errors import ExportError, one_line, write_checked_onnx
 
 DEFAULT_OPSET = 18  # the dynamo exporter's native opset; >= 17 gives LayerNormalization as one op
 MIN_OPSET = 17
@@ -112,7 +112,6 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: str | Path, spec
                 opset: int = DEFAULT_OPSET) -> Path:
     """Export `module(example)` to `path` with the spec's names and a dynamic batch axis; check the
     result (onnx.checker, opset, batch axis symbolic, no external data)."""
-    import onnx
 
     if opset < MIN_OPSET:
         raise ExportError(f"ONNX opset {opset} is too old: qks bundles need opset >= {MIN_OPSET}")
@@ -137,14 +136,7 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: str | Path, spec
         raise ExportError(f"{path.name} is {size / 2**30:.2f} GiB: over ONNX's 2 GB single-file limit; "
                           "external-data bundles are not supported by this qks")
     _check_graph(model, spec, opset, path.name)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(model.SerializeToString())
-    tmp.replace(path)
-    try:
-        onnx.checker.check_model(str(path), full_check=True)
-    except Exception as e:
-        raise ExportError(f"{path.name} is not a valid ONNX model: {one_line(e)}") from e
-    return path
+    return write_checked_onnx(model, path, path.name)
 
 
 def _forward_arg(module: nn.Module) -> str:
