@@ -280,7 +280,6 @@ def _export_into(d: Path, ckpt: dict, model, banks: dict[str, list[str]], fp16: 
     cfg = model.config
     pre = backbone.preprocess
     size, T, D = int(pre.size), int(backbone.context_length), int(backbone.embed_dim)
-    Nq = int(model.head.queries.shape[0])
     templates = list(ckpt["prompts"])
     seconds: dict[str, float] = {}
     gen = torch.Generator().manual_seed(seed)
@@ -295,9 +294,12 @@ def _export_into(d: Path, ckpt: dict, model, banks: dict[str, list[str]], fp16: 
         images["calibration"], image_names = load_images(calibration_images, pre, CALIBRATION_LIMIT)
 
     # --- graphs
+    image_module, label_module = ImageEncoder(model).eval(), LabelEncoder(backbone).eval()
+    # The query count from a real forward: Nq, or the image-token count for a projection-only head.
+    with torch.no_grad():
+        Nq = int(image_module(torch.zeros(1, 3, size, size)).shape[1])
     image_spec = image_encoder_spec(size, Nq, D)
     label_spec = label_encoder_spec(T, D)
-    image_module, label_module = ImageEncoder(model).eval(), LabelEncoder(backbone).eval()
     t = time.perf_counter()
     log("exporting image_encoder.onnx")
     export_onnx(image_module, torch.randn(TRACE_BATCH, 3, size, size, generator=gen), d / "image_encoder.onnx",

@@ -56,12 +56,15 @@ the epoch that was running)."""
               help="Head size and F1@K of the paper's recipe: nuswide (L=7, Nq=12, K=3,5; default) or "
               "openimages (L=8, Nq=22, K=10,20).")
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory to create. Required unless --resume.")
-@click.option("--layers", type=int, default=None, help="Head decoder layers L (default: the recipe's).")
+@click.option("--layers", type=int, default=None, help="Head decoder layers L (default: the recipe's); 0 = the "
+              "projection-only ablation (every image token projected, no queries).")
 @click.option("--queries", type=int, default=None, help="Learnable query tokens Nq (default: the recipe's).")
 @click.option("--width", type=int, default=None, help="Head width (default: the backbone's token width).")
 @click.option("--heads", type=int, default=None, help="Attention heads; must divide the width (default 12).")
 @click.option("--ffn", type=int, default=None, help="Feed-forward hidden size (default 3072).")
 @click.option("--dropout", type=float, default=None, help="Dropout in the head (default 0.1).")
+@click.option("--memory-norm/--no-memory-norm", default=None, help="LayerNorm on the image tokens before "
+              "the decoder (default on; it matters for tokens not already LayerNormed, like the lite backbone's).")
 @click.option("--drop-cls", is_flag=True, default=None, help="The head reads the patch tokens only, not CLS.")
 @click.option("--epochs", type=int, default=None, help="Epochs to train (default 60). With --resume: the new total.")
 @click.option("--batch-size", type=int, default=None, help="Images per batch (default 64).")

@@ -12,12 +12,13 @@ from typing import Any
 class HeadConfig:
     """The knowledge-extraction head: learnable queries reading the backbone's image tokens."""
 
-    layers: int = 7  # decoder layers L: self-attention -> cross-attention -> feed-forward
+    layers: int = 7  # decoder layers L: self-attention -> cross-attention -> feed-forward; 0 = projection only
     queries: int = 12  # learnable query tokens Nq
     width: int | None = None  # model width; None = the backbone's token width (768 for ViT-B-16)
     heads: int = 12  # attention heads; must divide the width
     ffn: int = 3072  # hidden size of the feed-forward block
     dropout: float = 0.1  # dropout on the queries' entry and inside every block
+    memory_norm: bool = True  # LayerNorm on the image tokens before the decoder (qks/head.py)
 
 
 # The paper's recipes (Zhu et al., section 4): NUS-WIDE L=7, Nq=12; Open Images L=8, Nq=22.
@@ -44,7 +45,10 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         d = dict(d)
-        head = HeadConfig(**d.pop("head", {}))
+        head = dict(d.pop("head", {}))
+        # Checkpoints from before memory_norm existed were trained without it.
+        head.setdefault("memory_norm", False)
+        head = HeadConfig(**head)
         return cls(head=head, **d)
 
     def to_json(self) -> str:

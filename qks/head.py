@@ -4,6 +4,14 @@ Each of L layers is self-attention over the queries, cross-attention from the qu
 image tokens, and a feed-forward block, each followed by a residual and LayerNorm (post-LN). The
 query outputs are projected C -> D into the text space (`projection`, initialised from the
 backbone's own visual projection), giving query features [B, Nq, D].
+
+`memory_norm` puts a LayerNorm on the image tokens before the decoder reads them. open_clip's tokens
+already come out of one (almost the identity then); the lite backbone's have a per-dimension scale
+of about 0.04, which next to the unit-scale queries left cross-attention nearly inert for the first
+hundred steps (benchmarks/RESULTS.md).
+
+`layers=0` is the projection-only ablation: no queries and no decoder; every image token goes through
+the projection, so the "query features" are [B, N, D] and each label takes its best location.
 """
 
 from __future__ import annotations
@@ -58,16 +66,22 @@ class DecoderLayer(nn.Module):
 
 
 class QueryHead(nn.Module):
-    """Image tokens [B, N, C] -> query features [B, Nq, D]."""
+    """Image tokens [B, N, C] -> query features [B, Nq, D] ([B, N, D] with layers=0)."""
 
     def __init__(self, cfg: HeadConfig, token_dim: int, embed_dim: int, projection: torch.Tensor | None = None):
         super().__init__()
         width = cfg.width or token_dim
-        self.queries = nn.Parameter(torch.randn(cfg.queries, width) * 0.02)
-        self.query_norm = nn.LayerNorm(width)
-        self.query_drop = nn.Dropout(cfg.dropout)
-        # Only when the head is narrower or wider than the tokens: no parameter the forward does not use.
+        if cfg.layers < 0:
+            raise ValueError(f"head layers must be >= 0, got {cfg.layers}")
+        # No parameter the forward does not use: queries only with layers, token_proj only when the
+        # head is narrower or wider than the tokens.
+        self.projection_only = cfg.layers == 0
+        if not self.projection_only:
+            self.queries = nn.Parameter(torch.randn(cfg.queries, width) * 0.02)
+            self.query_norm = nn.LayerNorm(width)
+            self.query_drop = nn.Dropout(cfg.dropout)
         self.token_proj = nn.Linear(token_dim, width) if width != token_dim else None
+        self.memory_norm = nn.LayerNorm(width) if cfg.memory_norm and not self.projection_only else None
         self.layers = nn.ModuleList(
             DecoderLayer(width, cfg.heads, cfg.ffn, cfg.dropout) for _ in range(cfg.layers)
         )
@@ -80,6 +94,10 @@ class QueryHead(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         memory = tokens if self.token_proj is None else self.token_proj(tokens)
+        if self.projection_only:
+            return memory @ self.projection
+        if self.memory_norm is not None:
+            memory = self.memory_norm(memory)
         q = self.queries.unsqueeze(0).expand(tokens.shape[0], -1, -1)
         q = self.query_drop(self.query_norm(q))
         for layer in self.layers:

@@ -69,6 +69,7 @@ class TrainOptions:
     heads: int | None = None
     ffn: int | None = None
     dropout: float | None = None
+    memory_norm: bool | None = None  # None: the recipe's (on)
     drop_cls: bool = False
     epochs: int = 60
     batch_size: int = 64
@@ -94,6 +95,7 @@ class TrainOptions:
     @classmethod
     def from_dict(cls, d: dict) -> TrainOptions:
         d = {k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}}
+        d.setdefault("memory_norm", False)  # runs from before the option existed had no token LayerNorm
         if d.get("topk") is not None:
             d["topk"] = tuple(d["topk"])
         return cls(**d)
@@ -115,11 +117,13 @@ def _check_options(o: TrainOptions) -> None:
             raise TrainError(f"--{name.replace('_', '-')} must be >= 1")
     if o.lr <= 0:
         raise TrainError("--lr must be > 0")
+    if o.layers is not None and o.layers < 0:
+        raise TrainError("--layers must be >= 0 (0 = projection-only)")
 
 
 def model_config(o: TrainOptions) -> ModelConfig:
     head = dataclasses.replace(RECIPES[o.recipe])
-    for name in ("layers", "queries", "width", "heads", "ffn", "dropout"):
+    for name in ("layers", "queries", "width", "heads", "ffn", "dropout", "memory_norm"):
         v = getattr(o, name)
         if v is not None:
             setattr(head, name, v)

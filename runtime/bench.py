@@ -208,7 +208,9 @@ class TorchEngine(Engine):
         except Exception as e:
             raise EngineError(f"cannot build the model of {ckpt}: {type(e).__name__}: {str(e)[:200]}") from None
         size = int(self.model.backbone.preprocess.size)
-        nq, d = int(self.model.head.queries.shape[0]), int(self.model.backbone.embed_dim)
+        with torch.no_grad():  # Nq, or the token count of a projection-only head
+            nq = int(self.model.query_features(torch.zeros(1, 3, size, size, device=self.device)).shape[1])
+        d = int(self.model.backbone.embed_dim)
         self.backend = "torch"
         self.precision = "fp32"
         self.graph_name = f"QKSModel.query_features ({self.device.type}, eager)"

@@ -177,6 +177,32 @@ def test_image_graph_respects_drop_cls(tiny_backbone):
             assert torch.equal(ImageEncoder(m)(x), m.query_features(x))
 
 
+def test_projection_only_head_exports_one_feature_per_token(tiny_backbone, tmp_path):
+    """A layers=0 checkpoint exports [batch, N_tokens, D] query features; the manifest and graph
+    record the traced count, and ONNX Runtime matches PyTorch."""
+    from conftest import tiny_model_config
+
+    from qks.checkpoint import save_checkpoint
+    from qks.export.bundle import export_bundle
+    from qks.model import QKSModel
+    from qks.runtime.manifest import read_manifest
+
+    torch.manual_seed(0)
+    m = QKSModel(tiny_model_config(layers=0), tiny_backbone).eval()
+    ckpt = save_checkpoint(tmp_path / "proj.pt", m, seen=["cat", "dog"], unseen=["bird"], prompts=["a {}."])
+    export_bundle(ckpt, tmp_path / "bundle", log=lambda *_: None)
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = m.query_features(pixels).numpy()
+    n_tokens = tiny_backbone.image_tokens(pixels[:1]).shape[1]
+    assert ref.shape == (3, n_tokens, 32) and n_tokens != 4  # not the config's (unused) query count
+    man = read_manifest(tmp_path / "bundle")
+    assert man["model"]["queries"] == n_tokens and man["model"]["layers"] == 0
+    assert man["graphs"]["image_encoder"]["outputs"][0]["shape"] == ["batch", n_tokens, 32]
+    got = _session(tmp_path / "bundle" / "image_encoder.onnx").run(None, {"pixels": pixels.numpy()})[0]
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
 def test_label_graph_matches_pytorch(bundle, tiny_backbone):
     ids = tiny_backbone.tokenize(["a photo of a zebra.", "x", "two words", "a " * 90])
     with torch.no_grad():

@@ -135,3 +135,46 @@ def test_unknown_backbone_and_arch():
         create_backbone("openclip:NoSuchArch:none")
     with pytest.raises(FileNotFoundError):
         create_backbone("openclip:/does/not/exist.json:none")
+
+
+def test_projection_only_head_scores_every_token():
+    """layers=0 is the projection-only ablation: no queries, every image token projected to D."""
+    head = QueryHead(HeadConfig(layers=0, queries=3, heads=2, ffn=16), token_dim=8, embed_dim=8,
+                     projection=torch.eye(8))
+    assert not hasattr(head, "queries") and head.memory_norm is None and len(head.layers) == 0
+    tokens = torch.randn(2, 5, 8)
+    assert torch.equal(head(tokens), tokens)  # identity projection: the tokens themselves, [B, N, D]
+    narrow = QueryHead(HeadConfig(layers=0, width=4, heads=2), token_dim=8, embed_dim=6)
+    out = narrow(tokens)
+    assert out.shape == (2, 5, 6)
+    out.sum().backward()
+    assert all(p.grad is not None for p in narrow.parameters())
+    with pytest.raises(ValueError, match="layers must be >= 0"):
+        QueryHead(HeadConfig(layers=-1), token_dim=8, embed_dim=8)
+
+
+def test_memory_norm_makes_the_head_blind_to_token_scale():
+    """With memory_norm the decoder reads LayerNormed tokens: the lite backbone's small-scale tokens
+    (about 0.04 a dimension) count as much as unit-scale ones. Without it they do not."""
+    torch.manual_seed(0)
+    tokens = torch.randn(2, 5, 16)
+    for memory_norm in (True, False):
+        torch.manual_seed(1)
+        head = QueryHead(HeadConfig(layers=1, queries=3, heads=2, ffn=32, memory_norm=memory_norm),
+                         token_dim=16, embed_dim=8).eval()
+        # LayerNorm's eps (1e-5) leaves a small difference at this scale; without it, a large one.
+        diff = (head(tokens) - head(0.04 * tokens)).abs().max().item()
+        assert (diff < 0.01) == memory_norm, diff
+
+
+def test_old_configs_and_runs_load_without_memory_norm():
+    """Checkpoints and runs written before memory_norm existed were trained without it."""
+    from qks.train import TrainOptions
+
+    old = json.loads(ModelConfig(backbone=TINY_SPEC).to_json())
+    del old["head"]["memory_norm"]
+    assert ModelConfig.from_dict(old).head.memory_norm is False
+    assert ModelConfig().head.memory_norm is True and RECIPES["nuswide"].memory_norm is True
+    opts = TrainOptions(data="d", seen="s", out="o").to_dict()
+    del opts["memory_norm"]
+    assert TrainOptions.from_dict(opts).memory_norm is False
