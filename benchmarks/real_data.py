@@ -5,12 +5,9 @@ On a mosaic split (benchmarks/mosaic.py; generated under --data if missing, reus
 
 1. zero-shot   the `lite` backbone's own scoring with no trained head (benchmarks.lite_zero_shot:
                max over locations of token . label embedding);
-2. projection  a projection-only head: no query layers; every image token goes through the head's
-               projection (C -> D, initialised to the identity) and each label takes its best
-               token; trained like QKS. `qks.head.QueryHead` with `layers=0` does NOT give this (its
-               queries then never see the image: the same scores for every image), so the script
-               patches the head's forward for layers=0 while it trains and scores this baseline
-               (`projection_only_head`; the change qks/head.py needs is in benchmarks/RESULTS.md);
+2. projection  a projection-only head (`qks-train --layers 0`): no queries, no decoder; every image
+               token goes through the head's projection (C -> D, initialised to the identity) and
+               each label takes its best token; trained like QKS;
 3. QKS         `qks.train.train` (what `qks-train --backbone lite --cached-tokens` runs) on the
                training split, scored by `qks.evaluate.evaluate` (what `qks-eval` runs) on the test
                split, images through the backbone (no cached tokens at test time);
@@ -30,7 +27,6 @@ same images. Time per stage. Writes JSON and a markdown table.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -86,28 +82,6 @@ def chance_metrics(targets: np.ndarray, unseen_mask: np.ndarray, draws: int = 20
     out["seen_map"] = float(np.mean([metrics(rng.random(targets.shape), targets, unseen_mask)["seen_map"]
                                      for _ in range(max(1, draws // 4))]))
     return out
-
-
-@contextlib.contextmanager
-def projection_only_head():
-    """While active, a `QueryHead` with no layers scores every image token through its projection
-    (query features = tokens @ projection, [B, N, D]); heads with layers are unchanged. A workaround
-    until qks/head.py supports layers=0 itself (the diff is in benchmarks/RESULTS.md)."""
-    from qks import head as qks_head
-
-    original = qks_head.QueryHead.forward
-
-    def forward(self, tokens):
-        if len(self.layers) == 0:
-            memory = tokens if self.token_proj is None else self.token_proj(tokens)
-            return memory @ self.projection
-        return original(self, tokens)
-
-    qks_head.QueryHead.forward = forward
-    try:
-        yield
-    finally:
-        qks_head.QueryHead.forward = original
 
 
 def _seed_tokens(src: Path | None, run_dir: Path) -> None:
@@ -253,9 +227,8 @@ def run(args, log=print) -> dict:
     times["qks_train"], times["qks_eval"] = qks_t["train_s"], qks_t["eval_s"]
 
     log(f"[projection-only] no query layers, tokens @ projection (lr {args.proj_lr}), trained the same way")
-    with projection_only_head():
-        proj_logits, _, proj_t = train_and_eval(data, work / "run_projection", args, 0, 1, args.ffn, args.proj_lr,
-                                                work / "run_qks", log)
+    proj_logits, _, proj_t = train_and_eval(data, work / "run_projection", args, 0, 1, args.ffn, args.proj_lr,
+                                            work / "run_qks", log)
     rows["projection_only"] = metrics(proj_logits, targets, unseen_mask)
     times["projection_train"], times["projection_eval"] = proj_t["train_s"], proj_t["eval_s"]
 
