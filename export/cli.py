@@ -37,8 +37,11 @@ def _fail(msg: str) -> None:
 @click.option("--label-cache", type=click.Path(path_type=Path), default=None,
               help="label embedding cache folder (default: label_cache/ beside --ckpt, as qks-train writes it)")
 @click.option("--trt-sm", default=None, help="TensorRT for RTX without a GPU: target compute capability, e.g. 86")
+@click.option("--triton", "triton_repo", type=click.Path(path_type=Path), default=None,
+              help="also write a Triton model repository from the bundle (qks-triton BUNDLE REPO with its defaults)")
 @click.option("--quiet", "-q", is_flag=True, help="print only the result line")
-def main(ckpt, out, labels_files, fp16, int8, tensorrt, max_batch, calibration_images, opset, label_cache, trt_sm, quiet):
+def main(ckpt, out, labels_files, fp16, int8, tensorrt, max_batch, calibration_images, opset, label_cache, trt_sm,
+         triton_repo, quiet):
     """Export a qks checkpoint to a bundle: ONNX graphs verified against PyTorch, tokenizer.json,
     prompts, label banks, and optionally an FP16 graph and TensorRT engines."""
     from .bundle import export_bundle_report, read_labels_file
@@ -77,6 +80,19 @@ def main(ckpt, out, labels_files, fp16, int8, tensorrt, max_batch, calibration_i
         for e in m["engines"]:
             click.echo(f"  {e['file']}  ({e['trt_module']} {e['trt_version']}, SM{e['sm']}, {e['precision']})")
     click.echo(f"wrote {report.path} ({len(m['files'])} files) in {time.perf_counter() - started:.1f} s")
+    if triton_repo is not None:
+        from .triton import write_repository
+
+        try:
+            tri = write_repository(report.path, triton_repo, log=log)
+        except ExportError as e:
+            _fail(f"the bundle was written, the Triton repository was not: {e}")
+        except KeyboardInterrupt:
+            _fail("interrupted; the bundle was written, the Triton repository was not")
+        except Exception as e:
+            _fail(f"the bundle was written, the Triton repository was not: unexpected {type(e).__name__}: {one_line(e)}")
+        checked = "validated" if tri.validated else "not validated: tritonclient is not installed"
+        click.echo(f"wrote {tri.path} ({', '.join(tri.models.values())}; {checked})")
 
 
 if __name__ == "__main__":  # pragma: no cover
