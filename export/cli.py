@@ -50,6 +50,10 @@ def main(ckpt, out, labels_files, fp16, int8, tensorrt, max_batch, calibration_i
     log = (lambda msg: None) if quiet else (lambda msg: click.echo(f"qks-export: {msg}", err=True))
     started = time.perf_counter()
     try:
+        if triton_repo is not None:  # a REPO that cannot be written is said before a long export, not after
+            from .triton import check_target
+
+            check_target(triton_repo)
         labels = {}
         for f in labels_files:
             name, names = read_labels_file(f)

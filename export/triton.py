@@ -498,8 +498,10 @@ def _read_marker(repo: Path) -> dict | None:
     return m
 
 
-def _check_target(repo: Path) -> dict | None:
-    """REPO may be new, an empty folder, or a qks-triton repository holding nothing else."""
+def check_target(repo: str | Path) -> dict | None:
+    """REPO may be new, an empty folder, or a qks-triton repository holding nothing else (TritonError
+    otherwise); returns its qks-triton.json record, if any."""
+    repo = Path(repo)
     if not repo.exists():
         if repo.is_symlink():
             raise TritonError(f"{repo} is a broken symbolic link")
@@ -598,7 +600,7 @@ def write_repository(bundle_dir: str | Path, repo: str | Path, *, labels: str | 
     names = _names(name)
     if max_batch is not None and max_batch < 1:
         raise TritonError(f"--max-batch must be >= 1 (got {max_batch})")
-    _check_target(repo)
+    check_target(repo)
     bundle = _load_bundle(bundle_dir)
     image = choose_image_model(bundle, image_model, max_batch, gpu_sm)
     if len(image.inputs) != 1 or len(image.outputs) != 1:

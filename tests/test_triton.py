@@ -535,3 +535,68 @@ def test_qks_export_triton_flag(tiny_checkpoint, tmp_path):
     from qks.export.triton import validate_repository
 
     assert validate_repository(tmp_path / "repo") == []
+
+
+def test_qks_export_triton_refuses_a_foreign_repo_before_exporting(tiny_checkpoint, tmp_path):
+    from click.testing import CliRunner
+    from qks.export.cli import main
+
+    foreign = tmp_path / "models"
+    (foreign / "resnet").mkdir(parents=True)
+    r = CliRunner().invoke(main, ["--ckpt", str(tiny_checkpoint), "--out", str(tmp_path / "bundle"),
+                                  "--triton", str(foreign), "-q"])
+    assert r.exit_code == 1 and "is not a qks Triton repository" in r.output
+    assert not (tmp_path / "bundle").exists()  # refused up front: no export was spent on it
+
+
+def test_fp16_image_model(runtime_bundle, tmp_path):
+    from qks.export.triton import write_repository
+
+    report = write_repository(runtime_bundle, tmp_path / "repo", image_model="fp16", max_batch=8)
+    assert report.image.graph == "image_encoder_fp16" and report.image.max_batch == 8
+    assert (tmp_path / "repo" / "qks_image" / "1" / "model.onnx").read_bytes() == \
+        (runtime_bundle / "image_encoder.fp16.onnx").read_bytes()
+    if report.validated is False:
+        pytest.skip("tritonclient is not installed")
+    cfg = _parse(tmp_path / "repo" / "qks_image" / "config.pbtxt")
+    assert cfg.max_batch_size == 8 and not cfg.instance_group
+
+
+def test_external_data_is_copied(bundle_copy, tmp_path):
+    """An image graph whose tensors live in an external data file: the file goes next to model.onnx,
+    and the repository's graph runs from there."""
+    from qks.export.triton import write_repository
+    from qks.runtime.manifest import file_record
+
+    model = onnx.load(str(bundle_copy / "image_encoder.onnx"))
+    onnx.save_model(model, str(bundle_copy / "image_encoder.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="image_encoder.onnx.data")
+
+    def edit(m):
+        for rel in ("image_encoder.onnx", "image_encoder.onnx.data"):
+            m["files"][rel] = file_record(bundle_copy, rel)
+    rewrite_manifest(bundle_copy, edit)
+    report = write_repository(bundle_copy, tmp_path / "repo")
+    assert report.image.extra_files == ["image_encoder.onnx.data"]
+    version = tmp_path / "repo" / "qks_image" / "1"
+    assert (version / "image_encoder.onnx.data").read_bytes() == (bundle_copy / "image_encoder.onnx.data").read_bytes()
+    x = np.random.default_rng(4).standard_normal((2, 3, 32, 32), dtype=np.float32)
+    np.testing.assert_allclose(_session(version / "model.onnx").run(None, {"pixels": x})[0],
+                               _session(bundle_copy / "image_encoder.onnx").run(None, {"pixels": x})[0], atol=1e-6)
+    if report.validated:
+        from qks.export.triton import validate_repository
+
+        (version / "image_encoder.onnx.data").unlink()
+        assert any("external data file image_encoder.onnx.data is missing" in p
+                   for p in validate_repository(tmp_path / "repo"))
+
+
+def test_without_tritonclient_writing_works_and_says_validation_was_skipped(bundle_copy, tmp_path, monkeypatch):
+    import qks.export.triton as tri
+
+    monkeypatch.setattr(tri, "_tritonclient_available", lambda: False)
+    code, out, err = _cli([bundle_copy, tmp_path / "repo"])
+    assert code == 0 and "validation skipped: tritonclient is not installed (pip install 'qks[triton]')" in err
+    assert (tmp_path / "repo" / "qks_scoring" / "1" / "model.onnx").is_file()
+    code, out, err = _cli(["--check", tmp_path / "repo"])
+    assert code == 1 and "needs tritonclient" in err and err.count("\n") == 1
