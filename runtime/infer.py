@@ -121,6 +121,73 @@ def _fmt(p: float) -> float:
     return float(f"{p:.7g}")
 
 
+def effective_threshold(top_k: int | None, threshold: float | None) -> float | None:
+    """The threshold a run applies: the given one, else 0.5 unless --top-k is given."""
+    return threshold if (threshold is not None or top_k is not None) else 0.5
+
+
+def public_record(record: dict) -> dict:
+    """A record as written: its image name and error text as valid UTF-8 (see `display_name`)."""
+    return dict(record, image=display_name(record["image"]),
+                **({"error": display_name(record["error"])} if "error" in record else {}))
+
+
+def jsonl_line(record: dict) -> str:
+    """One JSONL line (without the newline) of a record that went through `public_record`."""
+    return json.dumps(record, ensure_ascii=False)
+
+
+class RecordBuilder:
+    """Decoded images (or their decode errors) -> qks-infer records, through the engine and a label bank.
+
+    The one place records are made: `run_folder` (qks-infer) and the Ray tagger
+    (`qks.runtime.ray_tagger.QksTagger`) both call it, so their records are the same for the same
+    batches. `items` are `decode_image` results, `(name, pixels or None, error or None)`; each
+    gives one record, in order: `{"image", "labels"}` (selected labels, most likely first),
+    `{"image", "scores"}` (`all_scores`: every label, bank order) or `{"image", "error"}`.
+    Probabilities are rounded to 7 significant digits; non-finite model outputs become errors."""
+
+    def __init__(self, engine, bank, scoring: tuple[str, int] = ("max", 1), *, top_k: int | None = None,
+                 threshold: float | None = None, all_scores: bool = False):
+        self.engine = engine
+        self.names = list(bank.names)
+        self.embeddings = np.ascontiguousarray(bank.embeddings, dtype=np.float32)
+        self.mode, self.k = scoring
+        self.top_k, self.threshold, self.all_scores = top_k, effective_threshold(top_k, threshold), all_scores
+        self.in_name = engine.inputs[0].name
+        self.out_name = engine.outputs[0].name
+        self.max_batch = getattr(engine, "max_batch", None)
+
+    def _query_features(self, pixels: np.ndarray) -> np.ndarray:
+        step = self.max_batch or len(pixels)
+        outs = [self.engine.run({self.in_name: pixels[i:i + step]})[self.out_name] for i in range(0, len(pixels), step)]
+        return outs[0] if len(outs) == 1 else np.concatenate(outs)
+
+    def __call__(self, items: list[tuple]) -> list[dict]:
+        ok = [i for i, (_rel, arr, _err) in enumerate(items) if arr is not None]
+        probs, bad = {}, set()
+        if ok:
+            qf = self._query_features(np.stack([items[i][1] for i in ok]))
+            lg = score_logits(qf, self.embeddings, self.mode, self.k)
+            # inf logits would become probabilities 0/1: test the raw outputs, not the sigmoid
+            finite = np.isfinite(qf.reshape(len(ok), -1)).all(axis=1) & np.isfinite(lg).all(axis=1)
+            probs = dict(zip(ok, sigmoid(lg), strict=True))
+            bad = {ok[j] for j in np.flatnonzero(~finite)}
+        records = []
+        for i, (rel, _arr, err) in enumerate(items):
+            if err is None and i in bad:
+                err = "model output is not finite (NaN or inf)"
+            if err is not None:
+                records.append({"image": rel, "error": err})
+            elif self.all_scores:
+                scores = {n: _fmt(v) for n, v in zip(self.names, probs[i].tolist(), strict=True)}
+                records.append({"image": rel, "scores": scores})
+            else:
+                chosen = select(probs[i], self.names, self.top_k, self.threshold)
+                records.append({"image": rel, "labels": {n: _fmt(v) for n, v in chosen}})
+        return records
+
+
 class _Writer:
     """Appends records to a file (or stdout) in JSONL or CSV, flushed per batch."""
 
@@ -142,10 +209,9 @@ class _Writer:
         self.f.write(buf.getvalue())
 
     def write(self, records: list[dict]) -> None:
-        records = [dict(r, image=display_name(r["image"]), **({"error": display_name(r["error"])} if "error" in r else {}))
-                   for r in records]
+        records = [public_record(r) for r in records]
         if self.fmt == "jsonl":
-            self.f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            self.f.write("".join(jsonl_line(r) + "\n" for r in records))
         else:
             rows = []
             for r in records:
@@ -213,9 +279,11 @@ def _write_meta(path: Path | None, meta: dict) -> None:
     os.replace(tmp, path)
 
 
-def _decode(root: Path, rel: str, pp: Preprocess):
+def decode_image(root: Path | None, rel: str, pp: Preprocess) -> tuple[str, np.ndarray | None, str | None]:
+    """(rel, pixels, None) or (rel, None, short error): `root / rel` (or `rel` alone when `root` is None)
+    decoded and preprocessed; never raises for a bad file."""
     try:
-        return rel, pp.load(root / rel), None
+        return rel, pp.load(Path(rel) if root is None else Path(root) / rel), None
     except PreprocessError as e:
         return rel, None, str(e)
     except Exception as e:  # a decoder bug must not end a long run; it becomes that image's error
@@ -233,7 +301,7 @@ def run_folder(images: str | Path, engine, bank, preprocess: Preprocess, out: st
         raise InferError(f"unknown output format {opts.fmt!r} (jsonl or csv)")
     if opts.batch_size < 1:
         raise InferError("--batch-size must be at least 1")
-    threshold = opts.threshold if (opts.threshold is not None or opts.top_k is not None) else 0.5
+    threshold = effective_threshold(opts.top_k, opts.threshold)
     root = Path(images)
     out = Path(out) if out is not None and str(out) != "-" else None
     meta_path = out.with_name(out.name + META_SUFFIX) if out else None
@@ -273,10 +341,8 @@ def run_folder(images: str | Path, engine, bank, preprocess: Preprocess, out: st
 
     batch_size = min(opts.batch_size, engine.max_batch) if getattr(engine, "max_batch", None) else opts.batch_size
     workers = opts.workers or min(4, os.cpu_count() or 1)
-    in_name = engine.inputs[0].name
-    out_name = engine.outputs[0].name
-    emb = np.ascontiguousarray(bank.embeddings, dtype=np.float32)
-    mode, k = scoring
+    build = RecordBuilder(engine, bank, scoring, top_k=opts.top_k, threshold=opts.threshold,
+                          all_scores=opts.all_scores)
 
     info = dict(meta or {})
     info.update(format=opts.fmt, all_scores=opts.all_scores, bank_key=getattr(bank, "key", None), top_k=opts.top_k,
@@ -301,7 +367,7 @@ def run_folder(images: str | Path, engine, bank, preprocess: Preprocess, out: st
                     rel = next(it, None)
                     if rel is None:
                         return
-                    pending.append(pool.submit(_decode, root, rel, preprocess))
+                    pending.append(pool.submit(decode_image, root, rel, preprocess))
 
             fill()
             while pending:
@@ -309,29 +375,8 @@ def run_folder(images: str | Path, engine, bank, preprocess: Preprocess, out: st
                 while pending and len(items) < batch_size:
                     items.append(pending.popleft().result())
                     fill()
-                ok = [i for i, (_rel, arr, _err) in enumerate(items) if arr is not None]
-                probs, bad = {}, set()
-                if ok:
-                    pixels = np.stack([items[i][1] for i in ok])
-                    qf = engine.run({in_name: pixels})[out_name]
-                    lg = score_logits(qf, emb, mode, k)
-                    # inf logits would become probabilities 0/1: test the raw outputs, not the sigmoid
-                    finite = np.isfinite(qf.reshape(len(ok), -1)).all(axis=1) & np.isfinite(lg).all(axis=1)
-                    probs = dict(zip(ok, sigmoid(lg), strict=True))
-                    bad = {ok[j] for j in np.flatnonzero(~finite)}
-                records = []
-                for i, (rel, _arr, err) in enumerate(items):
-                    if err is None and i in bad:
-                        err = "model output is not finite (NaN or inf)"
-                    if err is not None:
-                        records.append({"image": rel, "error": err})
-                        summary.errors += 1
-                    elif opts.all_scores:
-                        scores = {n: _fmt(v) for n, v in zip(names, probs[i].tolist(), strict=True)}
-                        records.append({"image": rel, "scores": scores})
-                    else:
-                        chosen = select(probs[i], names, opts.top_k, threshold)
-                        records.append({"image": rel, "labels": {n: _fmt(v) for n, v in chosen}})
+                records = build(items)
+                summary.errors += sum("error" in r for r in records)
                 writer.write(records)
                 summary.written += len(records)
                 bar.update(len(items))
@@ -348,4 +393,5 @@ def run_folder(images: str | Path, engine, bank, preprocess: Preprocess, out: st
     return summary
 
 
-__all__ = ["IMAGE_EXTENSIONS", "display_name", "InferError", "InferOptions", "RunSummary", "done_images", "find_images", "run_folder"]
+__all__ = ["IMAGE_EXTENSIONS", "display_name", "InferError", "InferOptions", "RecordBuilder", "RunSummary", "decode_image",
+           "done_images", "effective_threshold", "find_images", "jsonl_line", "public_record", "run_folder"]
