@@ -55,41 +55,62 @@ def _bank(bundle: Bundle, labels: str | None, bank: str | None, threads: int | N
     return LabelBank.from_bundle(bundle, bank)
 
 
+def options(*decorators):
+    """Apply click option decorators in the order listed (as if stacked in that order)."""
+    def apply(f):
+        for d in reversed(decorators):
+            f = d(f)
+        return f
+    return apply
+
+
+# Options shared by qks-infer and qks-ray-infer (qks.runtime.ray_tagger): same names, same meaning.
+LABELS = click.option("--labels", "labels", type=click.Path(dir_okay=False), help="Label file (UTF-8, one label a "
+                      "line). New labels are encoded once and cached. Default: the bundle's default bank.")
+BUNDLE = click.option("--bundle", "bundle_dir", default="./bundle", show_default=True, type=click.Path(path_type=Path),
+                      help="Bundle folder written by qks-export.")
+BANK = click.option("--bank", help="Name of a label bank stored in the bundle (qks-labels --name).")
+BACKEND = click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
+                       help="Inference backend; auto picks the fastest that works and says why.")
+PRECISION = click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+                         help="ONNX image graph for the ONNX Runtime backends; auto: int8 (if exported) on the CPU, fp16 "
+                              "on CUDA, else fp32.")
+BATCH_SIZE = click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+THREADS = click.option("--threads", type=click.IntRange(1), help="ONNX Runtime intra-op threads (default: all cores).")
+TOP_K = click.option("--top-k", type=click.IntRange(1), help="Keep the k most probable labels per image.")
+THRESHOLD = click.option("--threshold", type=click.FloatRange(0, 1), help="Keep labels with probability >= this "
+                         "(default 0.5 unless --top-k is given).")
+ALL_SCORES = click.option("--all-scores", is_flag=True, help='Write every label\'s probability: {"image", "scores"}.')
+FORMAT = click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), help="Output format (default: csv if "
+                      "--out ends in .csv, else jsonl).")
+OVERWRITE = click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+NO_PROGRESS = click.option("--no-progress", is_flag=True, help="No progress bar.")
+NO_VERIFY = click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the bundle's files.")
+
+
+def output_format(fmt: str | None, out: Path | None) -> str:
+    """--format, else csv for an --out ending in .csv, else jsonl."""
+    if fmt is not None:
+        return fmt
+    return "csv" if out is not None and out.suffix.lower() == ".csv" else "jsonl"
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("images", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--labels", "labels", type=click.Path(dir_okay=False), help="Label file (UTF-8, one label a line). "
-              "New labels are encoded once and cached. Default: the bundle's default bank.")
-@click.option("--bundle", "bundle_dir", default="./bundle", show_default=True, type=click.Path(path_type=Path),
-              help="Bundle folder written by qks-export.")
-@click.option("--bank", help="Name of a label bank stored in the bundle (qks-labels --name).")
-@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
-              help="Inference backend; auto picks the fastest that works and says why.")
-@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
-              help="ONNX image graph for the ONNX Runtime backends; auto: int8 (if exported) on the CPU, fp16 on CUDA, "
-                   "else fp32.")
-@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+@options(LABELS, BUNDLE, BANK, BACKEND, PRECISION, BATCH_SIZE)
 @click.option("--workers", type=click.IntRange(1), help="Decode threads (default: min(4, CPUs)).")
-@click.option("--threads", type=click.IntRange(1), help="ONNX Runtime intra-op threads (default: all cores).")
-@click.option("--top-k", type=click.IntRange(1), help="Keep the k most probable labels per image.")
-@click.option("--threshold", type=click.FloatRange(0, 1), help="Keep labels with probability >= this "
-              "(default 0.5 unless --top-k is given).")
-@click.option("--all-scores", is_flag=True, help='Write every label\'s probability: {"image", "scores"}.')
-@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), help="Output format (default: csv if "
-              "--out ends in .csv, else jsonl).")
+@options(THREADS, TOP_K, THRESHOLD, ALL_SCORES, FORMAT)
 @click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), help="Output file (default: stdout). "
               "Run metadata goes to OUT.meta.json.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run: skip images already in --out.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
-@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the bundle's files.")
+@options(OVERWRITE, NO_PROGRESS, NO_VERIFY)
 @click.option("--cuda-graph", is_flag=True, help="TensorRT: replay full batches as a captured CUDA graph.")
 def _infer(images, labels, bundle_dir, bank, backend, precision, batch_size, workers, threads, top_k, threshold, all_scores,
            fmt, out, resume, overwrite, no_progress, no_verify, cuda_graph):
     """Tag every image under IMAGES (recursively) with label probabilities."""
     prog = "qks-infer"
     _one_line_warnings(prog)
-    if fmt is None:
-        fmt = "csv" if out is not None and out.suffix.lower() == ".csv" else "jsonl"
+    fmt = output_format(fmt, out)
     if out is not None and out.is_file() and out.stat().st_size > 0 and not (resume or overwrite):
         _fail(prog, f"{out} exists: pass --resume to continue it or --overwrite to replace it")
     if resume and out is None:
