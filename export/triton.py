@@ -532,12 +532,13 @@ def _tmp_beside(repo: Path, what: str) -> Path:
         raise TritonError(f"cannot write beside {repo}: {e.strerror or e}") from None
 
 
-def _swap(new: Path, dest: Path) -> None:
-    """Put `new` at `dest`, replacing what is there (renames on one file system; the old one is
-    removed only after the new one is in place)."""
+def _swap(new: Path, dest: Path, aside: Path) -> None:
+    """Put `new` at `dest`, replacing what is there: renames on one file system, the old one moved to
+    `aside` (outside the repository, where Triton does not look) and removed only after the new one
+    is in place."""
     old = None
     if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        old = aside
         if old.exists():
             shutil.rmtree(old)
         os.replace(dest, old)
@@ -647,7 +648,7 @@ def write_repository(bundle_dir: str | Path, repo: str | Path, *, labels: str | 
         }
         (tmp / MARKER).write_text(json.dumps(marker, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         validated = _validate_or_raise(tmp)
-        _swap(tmp, repo)
+        _swap(tmp, repo, repo.absolute().parent / f".{repo.name}.old-{os.getpid()}")
     except OSError as e:
         raise TritonError(f"cannot write {repo}: {e.strerror or e}") from None
     finally:
@@ -710,7 +711,7 @@ def write_labels_only(bundle_dir: str | Path, repo: str | Path, *, labels: str |
                 raise TritonError(f"the new scoring model does not fit the repository: {problems[0]}")
             os.replace(check / names["scoring"], tmp / names["scoring"])
             validated = True
-        _swap(tmp / names["scoring"], repo / names["scoring"])
+        _swap(tmp / names["scoring"], repo / names["scoring"], tmp / "old")
         marker["scoring"] = scoring
         marker["written"] = scoring["written"]
         out = repo / MARKER
@@ -1007,8 +1008,8 @@ def _fail(msg: str, code: int = 1):
 @click.option("--gpu-sm", default=None, help="compute capability of the GPU Triton runs on (e.g. 90): picks the "
               "plan built for it")
 @click.option("--labels-only", is_flag=True, help="rewrite only NAME_scoring in an existing repository (new labels)")
-@click.option("--check", "check_repo", type=click.Path(path_type=Path), default=None,
-              help="validate the Triton repository CHECK and exit (no BUNDLE/REPO)")
+@click.option("--check", "check_repo", metavar="REPO", type=click.Path(path_type=Path), default=None,
+              help="only validate the Triton repository REPO (give no BUNDLE then)")
 @click.option("--quiet", "-q", is_flag=True, help="print only the result line")
 def _cli(bundle_dir, repo, labels_file, bank, name, image_model, max_batch, gpu_sm, labels_only, check_repo, quiet):
     """Write a Triton Inference Server model repository REPO from a qks BUNDLE: an image model

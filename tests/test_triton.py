@@ -340,7 +340,7 @@ def test_labels_only_changes_only_the_scoring_model(bundle_copy, photo_dir, tmp_
     assert after["qks_image"] == before["qks_image"] and after["qks"] == before["qks"]
     assert after["qks_scoring"]["labels.txt"] != before["qks_scoring"]["labels.txt"]
     assert after["qks_scoring"]["1/model.onnx"] != before["qks_scoring"]["1/model.onnx"]
-    assert sorted(p.name for p in repo.parent.iterdir() if p.name.startswith(".")) == []  # no temp folders left
+    assert [p for p in [*repo.parent.iterdir(), *repo.iterdir()] if p.name.startswith(".")] == []  # no temp left
     marker = json.loads((repo / "qks-triton.json").read_text())
     assert marker["scoring"]["labels"] == len(NEW_LABELS)
     cfg = _parse(repo / "qks_scoring" / "config.pbtxt")
@@ -383,7 +383,8 @@ def test_labels_only_refuses_another_model(bundle_copy, tmp_path):
 # -- (5) a TensorRT plan --------------------------------------------------------------------------------
 
 
-def _fake_plan(bundle: Path, *, flavor="tensorrt", sm="90", lo=1, hi=4, graph="image_encoder") -> bytes:
+def _fake_plan(bundle: Path, *, flavor="tensorrt", sm="90", lo=1, hi=4, graph="image_encoder",
+               out_dtype="float32") -> bytes:
     """A plan entry as qks-export --tensorrt writes it (the plan itself is fake bytes: nothing here
     deserializes it)."""
     from qks.runtime.manifest import file_record, sha256_file
@@ -400,7 +401,7 @@ def _fake_plan(bundle: Path, *, flavor="tensorrt", sm="90", lo=1, hi=4, graph="i
             "trt_version": "10.8.0", "sm": sm, "gpu_name": "NVIDIA H100 80GB HBM3", "precision": "fp32",
             "profile": {"pixels": {"min": shape(lo), "opt": shape(hi), "max": shape(hi)}},
             "inputs": [dict(g["inputs"][0], shape=[-1, *g["inputs"][0]["shape"][1:]])],
-            "outputs": [dict(g["outputs"][0], shape=[-1, *g["outputs"][0]["shape"][1:]])],
+            "outputs": [dict(g["outputs"][0], dtype=out_dtype, shape=[-1, *g["outputs"][0]["shape"][1:]])],
             "io_source": "parsed network", "strongly_typed": True, "timing_cache": None,
             "built": "2026-11-26T00:00:00Z"}
     (bundle / "engines" / f"{stem}.json").write_text(json.dumps(side))
@@ -600,3 +601,20 @@ def test_without_tritonclient_writing_works_and_says_validation_was_skipped(bund
     assert (tmp_path / "repo" / "qks_scoring" / "1" / "model.onnx").is_file()
     code, out, err = _cli(["--check", tmp_path / "repo"])
     assert code == 1 and "needs tritonclient" in err and err.count("\n") == 1
+
+
+def test_plan_with_fp16_output_gets_an_fp16_scoring_input(bundle_copy, tmp_path):
+    """A plan whose query features are FP16: the scoring model takes FP16 and casts, the ensemble's
+    tensor has one data type end to end."""
+    pb = _pb()
+    from qks.export.triton import validate_repository, write_repository
+
+    _fake_plan(bundle_copy, out_dtype="float16")
+    write_repository(bundle_copy, tmp_path / "repo", image_model="plan")
+    img = _parse(tmp_path / "repo" / "qks_image" / "config.pbtxt")
+    sc = _parse(tmp_path / "repo" / "qks_scoring" / "config.pbtxt")
+    assert pb.DataType.Name(img.output[0].data_type) == pb.DataType.Name(sc.input[0].data_type) == "TYPE_FP16"
+    model = onnx.load(str(tmp_path / "repo" / "qks_scoring" / "1" / "model.onnx"))
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    assert model.graph.node[0].op_type == "Cast"
+    assert validate_repository(tmp_path / "repo") == []
