@@ -128,19 +128,14 @@ def _external_data(path: Path) -> list[str]:
     """Files an ONNX graph keeps its tensors in (external data), relative to the graph's folder."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
-    found = []
-    for t in _all_tensors(model.graph):
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            loc = next((e.value for e in t.external_data if e.key == "location"), None)
-            if loc and loc not in found:
-                from ..runtime.manifest import BundleError, check_relpath
+    from ..runtime.manifest import BundleError, check_relpath
 
-                try:
-                    check_relpath(loc)
-                except BundleError as e:
-                    raise TritonError(f"{path.name}: external data {e}") from None
-                found.append(loc)
+    found = _external_locations(onnx.load(str(path), load_external_data=False))
+    for loc in found:
+        try:
+            check_relpath(loc)
+        except BundleError as e:
+            raise TritonError(f"{path.name}: external data {e}") from None
     return found
 
 
