@@ -181,11 +181,11 @@ def test_projection_only_head_exports_one_feature_per_token(tiny_backbone, tmp_p
     """A layers=0 checkpoint exports [batch, N_tokens, D] query features; the manifest and graph
     record the traced count, and ONNX Runtime matches PyTorch."""
     from conftest import tiny_model_config
+    from qks.export.bundle import export_bundle
+    from qks.runtime.manifest import read_manifest
 
     from qks.checkpoint import save_checkpoint
-    from qks.export.bundle import export_bundle
     from qks.model import QKSModel
-    from qks.runtime.manifest import read_manifest
 
     torch.manual_seed(0)
     m = QKSModel(tiny_model_config(layers=0), tiny_backbone).eval()
