@@ -26,7 +26,7 @@
     }
 
 Image graph: input "pixels" float32 [batch, 3, H, W] -> output "query_features" float32
-[batch, Nq, D]. Label graph: "token_ids" int64 [batch, T] (+ "attention_mask" int64 [batch, T]
+[batch, Nq, D] (Nq = the image-token count for a projection-only head, `layers` 0). Label graph: "token_ids" int64 [batch, T] (+ "attention_mask" int64 [batch, T]
 where the encoder needs one) -> "text_features" float32 [batch, D], unnormalised. A label's
 embedding is the mean of text_features over the label's prompts (`template.format(label)`).
 
