@@ -3,12 +3,14 @@ and TensorRT engines, described by `manifest.json` (the contract in `qks.runtime
 
 Everything is written into a temporary folder next to `out`; the manifest is written last
 (atomically), and only then is the folder renamed to `out`. A killed export leaves at most a
-`.<name>.tmp-*` folder behind, never a bundle that looks complete.
+`.<name>.tmp-<host>-<pid>-*` folder behind, never a bundle that looks complete; the next export to the
+same `out` on that host deletes it once its process is gone.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import glob
 import json
 import os
 import platform
@@ -95,8 +97,9 @@ def export_bundle_report(ckpt, out, labels=None, fp16=False, tensorrt=False, max
         from .tensorrt_build import import_tensorrt
 
         import_tensorrt()
+    _remove_stale_temps(out, log)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out), dir=out.parent))
     except OSError as e:
         raise ExportError(f"cannot write the bundle next to {out}: {e.strerror or e}") from None
     umask = os.umask(0)
@@ -228,6 +231,40 @@ def _exchange(a: Path, b: Path) -> bool:
         return False
     at_fdcwd, rename_exchange = -100, 2
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.]", "_", platform.node() or "host")
+
+
+def _temp_prefix(out: Path) -> str:
+    # The exporting host and process in the name: a later export can tell a folder left by a killed
+    # export (its process is gone) from one that another export is still writing.
+    return f".{out.name}.tmp-{_host()}-{os.getpid()}-"
+
+
+_TEMP_OWNER = re.compile(r"\.tmp-(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)-[A-Za-z0-9_]+$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, someone else's
+        return True
+    return True
+
+
+def _remove_stale_temps(out: Path, log) -> None:
+    """Delete the temp folders that killed exports to `out` left on this host (their process is gone).
+    Folders of live exports, of other hosts, or named the old way (no owner) are left alone."""
+    for t in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
+        m = _TEMP_OWNER.search(t.name)
+        if m is None or m["host"] != _host() or _alive(int(m["pid"])) or not t.is_dir():
+            continue
+        shutil.rmtree(t, ignore_errors=True)
+        log(f"removed {t.name}: left by an export that was killed (process {m['pid']} is gone)")
 
 
 def _remove_bundle(path: Path) -> None:

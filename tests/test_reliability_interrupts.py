@@ -76,11 +76,21 @@ def test_export_killed_midway_leaves_no_bundle(tiny_checkpoint, tmp_path):
     assert all(not (t / "manifest.json").exists() for t in left)
     with pytest.raises(BundleError, match="bundle folder not found"):
         Bundle.load(out)
-    # the next export is not disturbed by the leftover temp folder
+    # the next export is not disturbed by the leftover temp folder, and deletes it (its process is gone);
+    # a live export's folder, another host's, and an unowned one stay
+    from qks.export.bundle import _host
+
+    live = out.parent / f".fresh.tmp-{_host()}-{os.getpid()}-abc123"
+    other = out.parent / f".fresh.tmp-otherhost-{left[0].name.split('-')[-2]}-abc123"
+    unowned = out.parent / ".fresh.tmp-abc123"
+    for d in (live, other, unowned):
+        d.mkdir()
     res = subprocess.run(EXPORT + ["--ckpt", str(tiny_checkpoint), "--out", str(out), "--quiet"],
                          capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert res.returncode == 0, res.stderr
     Bundle.load(out)
+    assert len(left) == 1 and not left[0].exists()
+    assert live.is_dir() and other.is_dir() and unowned.is_dir()
 
 
 # --------------------------------------------------------------------------- qks-infer
