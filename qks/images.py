@@ -9,6 +9,9 @@ EXIF orientation is applied first (`ImageOps.exif_transpose`), then the image be
   by 255/65535; I is taken as 8-bit when all values are in 0..255, else as 16-bit (clipped to
   0..65535, scaled); F is scaled by 255 when all values are in [0, 1], else clipped to 0..255
   (NaN -> 0).
+
+`resize_crop` is the geometry both use: torchvision's Resize + CenterCrop on a PIL image, without
+ever building a huge intermediate.
 """
 
 from __future__ import annotations
@@ -66,3 +69,34 @@ def open_rgb(path) -> Image.Image:
         check_pixels(img)
         img.load()
         return to_rgb(ImageOps.exif_transpose(img))
+
+
+RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+# Above this many pixels, the intermediate of "resize the shortest side, then crop" is not built:
+# only the crop's region of the source is resampled (Pillow's `box`). A 1 x 100,000 strip would
+# otherwise become a 224 x 22,400,000 image (15 GB) on the way to 224 x 224. Ordinary photos never
+# get near it, so they keep exact parity with torchvision; past it, results differ from the
+# full-size path by a few uint8 levels.
+MAX_INTERMEDIATE_PIXELS = 1 << 24
+
+
+def resize_crop(img: Image.Image, size: int, resize_mode: str = "shortest",
+                interpolation: str = "bicubic") -> Image.Image:
+    """torchvision's Resize(size) + CenterCrop(size) ("shortest") or Resize((size, size)) ("squash")
+    on a PIL image, pixel for pixel, except past MAX_INTERMEDIATE_PIXELS (see above)."""
+    resample = RESAMPLE[interpolation]
+    w, h = img.size
+    if resize_mode == "squash":
+        return img if (w, h) == (size, size) else img.resize((size, size), resample)
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = size, int(size * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    top = int(round((new_h - size) / 2.0))
+    left = int(round((new_w - size) / 2.0))
+    if new_w * new_h > MAX_INTERMEDIATE_PIXELS:
+        sx, sy = w / new_w, h / new_h
+        box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+        return img.resize((size, size), resample, box=box)
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), resample)
+    return img.crop((left, top, left + size, top + size))

@@ -5,7 +5,8 @@ shortest side with the backbone's interpolation, centre crop, to tensor, normali
 proves it. `train_transform` adds the paper's augmentation (as in the QKS reference code): Cutout
 (a box of half the image's side, random colour), horizontal flip and RandAugment, between the crop
 and the tensor conversion. All randomness comes from torch's generator, so a seeded epoch is
-reproducible and a resumed run sees the same augmentations.
+reproducible and a resumed run sees the same augmentations. The geometry is `qks.images.resize_crop`,
+shared with the runtime: an extreme strip (1 x 100,000) is not resized whole on the way to the crop.
 """
 
 from __future__ import annotations
@@ -15,19 +16,30 @@ from PIL import Image, ImageDraw
 from torchvision import transforms as T
 
 from .backbones.base import Preprocess
+from .images import RESAMPLE, resize_crop
 
-_INTERPOLATION = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}
+
+class ResizeCrop:
+    """torchvision's Resize + CenterCrop ("shortest") or Resize((size, size)) ("squash"), pixel for
+    pixel, through `qks.images.resize_crop` (the runtime's geometry too): an extreme strip is never
+    resized whole, only the crop's region is resampled."""
+
+    def __init__(self, pp: Preprocess):
+        if pp.interpolation not in RESAMPLE:
+            raise ValueError(f"unsupported interpolation {pp.interpolation!r} (bicubic or bilinear)")
+        if pp.resize_mode not in ("shortest", "squash"):
+            raise ValueError(f"unsupported resize mode {pp.resize_mode!r} (shortest or squash)")
+        self.size, self.resize_mode, self.interpolation = int(pp.size), pp.resize_mode, pp.interpolation
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return resize_crop(img, self.size, self.resize_mode, self.interpolation)
+
+    def __repr__(self) -> str:
+        return f"ResizeCrop(size={self.size}, mode={self.resize_mode}, interpolation={self.interpolation})"
 
 
 def _geometry(pp: Preprocess) -> list:
-    if pp.interpolation not in _INTERPOLATION:
-        raise ValueError(f"unsupported interpolation {pp.interpolation!r} (bicubic or bilinear)")
-    interp = _INTERPOLATION[pp.interpolation]
-    if pp.resize_mode == "shortest":
-        return [T.Resize(pp.size, interpolation=interp), T.CenterCrop(pp.size)]
-    if pp.resize_mode == "squash":
-        return [T.Resize((pp.size, pp.size), interpolation=interp)]
-    raise ValueError(f"unsupported resize mode {pp.resize_mode!r} (shortest or squash)")
+    return [ResizeCrop(pp)]
 
 
 def _to_tensor(pp: Preprocess) -> list:

@@ -20,15 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-from qks.images import ImageTooLarge, check_pixels, to_rgb
-
-_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
-# Above this many pixels, the intermediate of "resize the shortest side, then crop" is not built:
-# only the crop's region of the source is resampled (Pillow's `box`). A 1 x 100,000 strip would
-# otherwise become a 224 x 22,400,000 image (15 GB) on the way to 224 x 224. Ordinary photos never
-# get near it, so they keep exact parity with torchvision; past it, results differ from the
-# full-size path by a few uint8 levels.
-MAX_INTERMEDIATE_PIXELS = 1 << 24
+from qks.images import RESAMPLE, ImageTooLarge, check_pixels, resize_crop, to_rgb
 
 
 class PreprocessError(ValueError):
@@ -49,7 +41,7 @@ class Preprocess:
     def __post_init__(self):
         if self.resize_mode not in ("shortest", "squash"):
             raise ValueError(f"unsupported resize mode {self.resize_mode!r} (shortest or squash)")
-        if self.interpolation not in _RESAMPLE:
+        if self.interpolation not in RESAMPLE:
             raise ValueError(f"unsupported interpolation {self.interpolation!r} (bicubic or bilinear)")
         if int(self.size) <= 0:
             raise ValueError(f"image size must be positive, got {self.size}")
@@ -64,22 +56,7 @@ class Preprocess:
 
     def resize_crop(self, img: Image.Image) -> Image.Image:
         """torchvision's Resize(size) + CenterCrop(size) (or Resize((size, size))) on a PIL image."""
-        size, resample = self.size, _RESAMPLE[self.interpolation]
-        w, h = img.size
-        if self.resize_mode == "squash":
-            return img if (w, h) == (size, size) else img.resize((size, size), resample)
-        short, long = (w, h) if w <= h else (h, w)
-        new_short, new_long = size, int(size * long / short)
-        new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-        top = int(round((new_h - size) / 2.0))
-        left = int(round((new_w - size) / 2.0))
-        if new_w * new_h > MAX_INTERMEDIATE_PIXELS:
-            sx, sy = w / new_w, h / new_h
-            box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
-            return img.resize((size, size), resample, box=box)
-        if (new_w, new_h) != (w, h):
-            img = img.resize((new_w, new_h), resample)
-        return img.crop((left, top, left + size, top + size))
+        return resize_crop(img, self.size, self.resize_mode, self.interpolation)
 
     def normalize(self, rgb: np.ndarray) -> np.ndarray:
         """uint8 HWC -> float32 CHW, / 255 then (x - mean) / std, in float32 like torchvision."""

@@ -172,3 +172,17 @@ def test_cutout_paints_a_half_size_box():
     painted = (out != 0).any(axis=2)
     assert 0 < painted.sum() <= 21 * 21
     assert np.asarray(img).sum() == 0  # the input is untouched
+
+
+def test_transforms_never_resize_a_thin_strip_whole():
+    """A 1 x 1,000,000 strip: torchvision's Resize would first make it 224 x 224,000,000 (150 GB);
+    the shared geometry resamples only the crop's region, as the runtime does, to the same pixels."""
+    from qks.runtime.preprocess import Preprocess as RuntimePreprocess
+
+    strip = Image.fromarray(np.random.default_rng(0).integers(0, 256, (1, 1_000_000, 3), dtype=np.uint8))
+    mean, std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
+    ours = eval_transform(Preprocess(224, "shortest", "bicubic", mean, std))(strip)
+    runtime = RuntimePreprocess(224, "shortest", "bicubic", tuple(mean), tuple(std))(strip)
+    assert ours.shape == (3, 224, 224) and np.array_equal(ours.numpy(), runtime)
+    torch.manual_seed(0)
+    assert train_transform(Preprocess(224, "shortest", "bicubic", mean, std))(strip).shape == (3, 224, 224)
