@@ -73,10 +73,12 @@ class LabelEmbedder:
     def _compute(self, label: str) -> torch.Tensor:
         prompts = [t.format(label) for t in self.templates]
         device = next(iter(self.backbone.parameters())).device if hasattr(self.backbone, "parameters") else "cpu"
+        # A backbone may offer a faster encode_text for a batch of prompts (lite: padding cut off).
+        encode = getattr(self.backbone, "encode_prompts", self.backbone.encode_text)
         feats = []
         for i in range(0, len(prompts), self.batch_size):
             ids = self.backbone.tokenize(prompts[i:i + self.batch_size]).to(device)
-            feats.append(self.backbone.encode_text(ids).float())
+            feats.append(encode(ids).float())
         return torch.cat(feats).mean(dim=0).cpu()
 
     def __call__(self, labels: list[str]) -> torch.Tensor:

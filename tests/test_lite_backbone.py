@@ -114,6 +114,21 @@ def test_encode_text_matches_transformers_reference(lite):
     torch.testing.assert_close(normalised, torch.nn.functional.normalize(raw, dim=-1))
 
 
+def test_encode_prompts_cuts_padding_without_changing_embeddings(lite):
+    from qks.prompts import LabelEmbedder, load_prompts
+
+    texts = ["a photo of a cat.", "there is a small red fire truck in the scene", "dog", ""]
+    ids = lite.tokenize(texts)
+    with torch.no_grad():
+        torch.testing.assert_close(lite.encode_prompts(ids), lite.encode_text(ids), atol=1e-6, rtol=0)
+        assert lite.encode_prompts(ids[:0]).shape == (0, lite.embed_dim)
+    # LabelEmbedder takes the fast path, and its vector is the full-length prompts' mean.
+    templates = load_prompts("default")
+    with torch.no_grad():
+        full = lite.encode_text(lite.tokenize([t.format("fire truck") for t in templates])).mean(0)
+    torch.testing.assert_close(LabelEmbedder(lite, templates)(["fire truck"])[0], full, atol=1e-6, rtol=0)
+
+
 def test_encode_text_matches_an_independent_implementation(lite):
     """The same weights through torch's own TransformerEncoderLayer (a different attention code path)
     and the package's tokenizer.json as shipped (not the configured copy)."""

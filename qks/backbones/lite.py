@@ -298,9 +298,7 @@ class LiteBackbone(nn.Module):
         for t in templates:
             texts = [t.format(n) for n in self.class_names]
             for i in range(0, len(texts), batch_size):
-                ids = self.tokenize(texts[i:i + batch_size])
-                ids = ids[:, : int((ids != self.text.pad_id).sum(1).max())]  # padding does not change the result
-                out[i:i + batch_size] += self.text(ids)
+                out[i:i + batch_size] += self.encode_prompts(self.tokenize(texts[i:i + batch_size]))
         return out / len(templates)
 
     def train(self, mode: bool = True):
@@ -326,6 +324,13 @@ class LiteBackbone(nn.Module):
 
     def encode_text(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.text(token_ids)
+
+    def encode_prompts(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """`encode_text` of a batch with its all-padding columns cut first: the same embeddings (padding
+        is masked out of attention and pooling), without running 32 positions for a 6-token prompt.
+        Not for export: the cut depends on the data."""
+        width = max(1, int((token_ids != self.text.pad_id).sum(1).max())) if len(token_ids) else 1
+        return self.text(token_ids[:, :width])
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         encodings = self._tokenizer.encode_batch(list(texts))
