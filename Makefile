@@ -16,8 +16,12 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 # downloaded as a .deb (no install) and only its PNG/.dat files extracted.
 STAMPS_DEB := tuxpaint-stamps-default=2022.06.04-1
 STAMPS := .cache/tuxpaint-stamps
+# The serving environment (README "Serving with Triton"): nvidia-pytriton's tritonserver, the qks runtime
+# core and ONNX Runtime, no torch, in a venv of its own (nvidia-pytriton pins numpy<2).
+SERVE_VENV := .venv-serve
+SERVE_PY := $(SERVE_VENV)/bin/python
 
-.PHONY: venv datasets stamps test lint demo clean
+.PHONY: venv serve-venv datasets stamps test lint demo clean
 
 venv: $(VENV)/.installed
 
@@ -28,6 +32,14 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q --no-deps $(LITE_PKGS)
 	$(PIP) install -q -e ".[tensorrt-rtx]" || echo "note: TensorRT for RTX did not install; its build test will be skipped"
 	touch $@
+
+# The live Triton tests (tests/test_triton_live.py) skip, saying so, when this did not install.
+serve-venv: $(SERVE_VENV)/.installed
+
+$(SERVE_VENV)/.installed: pyproject.toml Makefile
+	@{ test -x $(SERVE_PY) || $(PYTHON) -m venv $(SERVE_VENV); } && $(SERVE_PY) -m pip install -q --upgrade pip && \
+	  $(SERVE_PY) -m pip install -q -e ".[serve]" && touch $@ || \
+	  echo "note: the serving environment $(SERVE_VENV) did not install; the live Triton tests will be skipped"
 
 # Fashion-MNIST comes from Debian (dataset-fashion-mnist); tests that need it skip without it.
 datasets:
@@ -51,11 +63,11 @@ $(STAMPS)/.done:
 lint: venv
 	$(VENV)/bin/ruff check .
 
-test: venv datasets lint
+test: venv serve-venv datasets lint
 	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(SERVE_VENV) build *.egg-info .pytest_cache
 
 # The whole pipeline on real images, offline, CPU only: a small Fashion-/Animal-MNIST mosaic split,
 # the lite QKS head trained on its seen labels, the exported bundle run by qks-infer with labels

@@ -422,6 +422,23 @@ def ensemble_config(name: str, image_name: str, scoring_name: str, image: ImageM
             ]}}
 
 
+def python_config(name: str, pixels: dict, n_labels: int, max_batch: int) -> dict:
+    """The Python-backend model (`qks.runtime.triton_model`): pixels or encoded images in, one of the
+    two per request; probabilities (with the label file) and logits out; dynamic batching on the CPU."""
+    from ..runtime import triton_model as tm
+
+    return {"name": name, "backend": "python", "max_batch_size": max_batch,
+            "input": [_tensor({**pixels, "name": tm.PIXELS}, "image model input", optional=True),
+                      {"name": tm.IMAGE, "data_type": _Enum("TYPE_STRING"), "dims": [1], "optional": True}],
+            "output": [{"name": PROBS, "data_type": _Enum("TYPE_FP32"), "dims": [n_labels],
+                        "label_filename": LABELS_FILE},
+                       {"name": LOGITS, "data_type": _Enum("TYPE_FP32"), "dims": [n_labels]}],
+            "dynamic_batching": {"max_queue_delay_microseconds": IMAGE_QUEUE_DELAY_US},
+            "instance_group": [{"kind": _Enum("KIND_CPU"), "count": 1}],
+            # ONNX Runtime's intra-op threads in the model; 0: its default (all cores)
+            "parameters": {"key": "intra_op_threads", "value": {"string_value": "0"}}}
+
+
 def _write_config(folder: Path, cfg: dict, comment: str) -> None:
     text = "".join(f"# {line}\n" for line in comment.splitlines()) + _pbtxt(cfg)
     (folder / "config.pbtxt").write_text(text, encoding="utf-8")
@@ -569,12 +586,20 @@ def _write_scoring(folder: Path, model_name: str, bank, image_qf: dict, max_batc
             "mode": mode, "k": int(k), "opset": max(17, int(opset)), "written": _now()}
 
 
-def _tritonclient_available() -> bool:
+def tritonclient_missing() -> str | None:
+    """Why tritonclient's model-config protobuf cannot be imported (None: it can). tritonclient
+    installed without its gRPC part raises RuntimeError ("does not include grpc support")."""
     try:
         from tritonclient.grpc import model_config_pb2  # noqa: F401
     except ImportError:
-        return False
-    return True
+        return f"tritonclient is not installed ({INSTALL_HINT})"
+    except RuntimeError:
+        return f"tritonclient is installed without its gRPC part ({INSTALL_HINT}, which adds tritonclient[grpc])"
+    return None
+
+
+def _tritonclient_available() -> bool:
+    return tritonclient_missing() is None
 
 
 def _validate_or_raise(repo: Path, models: list[str] | None = None) -> bool:
@@ -632,7 +657,8 @@ def write_repository(bundle_dir: str | Path, repo: str | Path, *, labels: str | 
                       f"qks-triton {_now()}: pixels (preprocessed as qks.runtime does) -> probabilities\n"
                       f"output dims -1: the label count is the scoring model's ({names['scoring']}/{LABELS_FILE})")
         marker = {
-            "format": FORMAT, "version": MARKER_VERSION, "name": name, "models": names, "written": _now(),
+            "format": FORMAT, "version": MARKER_VERSION, "backend": "onnx", "name": name, "models": names,
+            "written": _now(),
             "bundle": str(bundle.root),
             "image_model": {"kind": image.kind, "graph": image.graph, "file": image.source.name,
                             "sha256": image.sha256, "precision": image.precision, "platform": image.platform,
@@ -672,6 +698,10 @@ def write_labels_only(bundle_dir: str | Path, repo: str | Path, *, labels: str |
         raise TritonError(f"{repo} is not a qks Triton repository (no {MARKER}); write it without --labels-only")
     if name is not None and name != marker.get("name"):
         raise TritonError(f"{repo} holds the models named {marker.get('name')!r}, not {name!r}")
+    if marker.get("backend") == "python":
+        from .triton_python import write_python_labels_only
+
+        return write_python_labels_only(bundle_dir, repo, marker, labels=labels, bank=bank, log=log)
     names = marker.get("models") or {}
     img = marker.get("image_model") or {}
     if set(names) != {"image", "scoring", "ensemble"} or not img.get("outputs"):
@@ -806,7 +836,7 @@ def _external_locations(model) -> list[str]:
     return locs
 
 
-DEFAULT_FILES = {"onnxruntime_onnx": "model.onnx", "tensorrt_plan": "model.plan"}
+DEFAULT_FILES = {"onnxruntime_onnx": "model.onnx", "tensorrt_plan": "model.plan", "python": "model.py"}
 
 
 def _model_problems(repo: Path, folder: str, cfg, check_files: bool) -> list[str]:
@@ -849,13 +879,17 @@ def _model_problems(repo: Path, folder: str, cfg, check_files: bool) -> list[str
     if not versions:
         problems.append(f"{folder}: no version folder (1/)")
     if check_files and cfg.platform != "ensemble":
-        filename = cfg.default_model_filename or DEFAULT_FILES.get(cfg.platform)
+        filename = cfg.default_model_filename or DEFAULT_FILES.get(cfg.platform or cfg.backend)
         for v in versions:
             f = repo / folder / v / filename if filename else None
             if f is None or not f.is_file():
                 problems.append(f"{folder}/{v}: model file {filename or '?'} is missing")
             elif cfg.platform == "onnxruntime_onnx":
                 problems.extend(_onnx_io_problems(rel, cfg, f))
+        if cfg.backend == "python":
+            from .triton_python import model_problems
+
+            problems.extend(model_problems(repo / folder, cfg, versions))
     return problems
 
 
@@ -946,8 +980,9 @@ def validate_repository(repo: str | Path, *, models: list[str] | None = None, ch
     the rest. `models` limits the per-model checks to those folders (ensembles are always checked
     against everything present). TritonError if tritonclient is missing or REPO is not a folder."""
     repo = Path(repo)
-    if not _tritonclient_available():
-        raise TritonError(f"validating a Triton repository needs tritonclient's model-config protobuf: {INSTALL_HINT}")
+    missing = tritonclient_missing()
+    if missing:
+        raise TritonError(f"validating a Triton repository needs tritonclient's model-config protobuf: {missing}")
     from google.protobuf import text_format
 
     if not repo.is_dir():
@@ -985,61 +1020,96 @@ def _fail(msg: str, code: int = 1):
     sys.exit(code)
 
 
+BACKENDS = ("onnx", "python")
+
+
+def _check_only(check_repo: Path) -> None:
+    problems = validate_repository(check_repo)
+    if len(problems) == 1:
+        _fail(f"{check_repo} does not validate: {problems[0]}")
+    for p in problems:
+        click.echo(f"qks-triton: {p}", err=True)
+    if problems:
+        _fail(f"{check_repo} does not validate: {len(problems)} problems (above)")
+    n = len(_model_folders(check_repo))
+    click.echo(f"{check_repo}: valid Triton repository ({n} model{'s' if n != 1 else ''}; configs parsed with "
+               "tritonclient's ModelConfig)")
+
+
+def _write_labels_only_cli(bundle_dir, repo, labels_file, bank, name, backend, image_model, max_batch, gpu_sm, log):
+    if image_model != "auto" or max_batch is not None or gpu_sm is not None:
+        _fail("--labels-only rewrites the scoring model only: --image-model, --max-batch and --gpu-sm do not apply", 2)
+    if backend is not None and repo.is_dir():
+        marker = _read_marker(repo) or {}
+        if marker and marker.get("backend", "onnx") != backend:
+            _fail(f"{repo} is a --backend {marker.get('backend', 'onnx')} repository, not --backend {backend}", 2)
+    report = write_labels_only(bundle_dir, repo, labels=labels_file, bank=bank, name=name, log=log)
+    return report, report.models.get("scoring") or report.models["model"]
+
+
+def _write_cli(bundle_dir, repo, labels_file, bank, name, backend, image_model, max_batch, gpu_sm, log):
+    if backend == "python":
+        if gpu_sm is not None:
+            _fail("--gpu-sm picks a TensorRT plan; --backend python runs ONNX graphs on the CPU", 2)
+        from .triton_python import write_python_repository
+
+        report = write_python_repository(bundle_dir, repo, labels=labels_file, bank=bank, name=name or "qks",
+                                         image_model=image_model, max_batch=max_batch, log=log)
+    else:
+        report = write_repository(bundle_dir, repo, labels=labels_file, bank=bank, name=name or "qks",
+                                  image_model=image_model, max_batch=max_batch, gpu_sm=gpu_sm, log=log)
+    log(f"label bank: {report.labels} labels ({report.bank_source})")
+    return report, ", ".join(report.models.values())
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("bundle_dir", metavar="BUNDLE", required=False, type=click.Path(path_type=Path))
 @click.argument("repo", metavar="REPO", required=False, type=click.Path(path_type=Path))
+@click.option("--backend", type=click.Choice(BACKENDS), default=None,
+              help="onnx: image model (ONNX or TensorRT plan) + scoring model + ensemble, for Triton's onnxruntime "
+                   "and tensorrt backends (NGC containers); python: one model running qks.runtime in Triton's "
+                   "python backend, pixels or encoded images in (the CPU server from make serve-venv) "
+                   "[default: onnx; with --labels-only: the repository's]")
 @click.option("--labels", "labels_file", type=click.Path(path_type=Path),
               help="label file (UTF-8, one label a line) for the scoring model; encoded with the bundle's label "
                    "encoder (cached). Default: the bundle's default bank")
 @click.option("--bank", help="a label bank stored in the bundle (qks-labels --name)")
 @click.option("--name", default=None, help="model name: writes NAME_image, NAME_scoring and the ensemble NAME "
-              "[default: qks]")
+              "(--backend python: the model NAME) [default: qks]")
 @click.option("--image-model", type=click.Choice(IMAGE_MODELS), default="auto", show_default=True,
-              help="auto: a TensorRT plan built for --gpu-sm if the bundle has one, else the fp32 ONNX graph; "
-                   "onnx | fp16 | int8: that ONNX graph (onnxruntime backend); plan: the bundle's TensorRT plan")
+              help="auto: a TensorRT plan built for --gpu-sm if the bundle has one, else the fp32 ONNX graph "
+                   "(--backend python: the graph qks-infer runs on the CPU, INT8 if the bundle has it); "
+                   "onnx | fp16 | int8: that ONNX graph; plan: the bundle's TensorRT plan")
 @click.option("--max-batch", type=click.IntRange(min=1), default=None,
               help="max_batch_size [default: the plan's profile max; without a plan the bundle's recorded max "
                    f"batch, else {DEFAULT_MAX_BATCH}]")
 @click.option("--gpu-sm", default=None, help="compute capability of the GPU Triton runs on (e.g. 90): picks the "
               "plan built for it")
-@click.option("--labels-only", is_flag=True, help="rewrite only NAME_scoring in an existing repository (new labels)")
+@click.option("--labels-only", is_flag=True, help="rewrite only the model that holds the labels in an existing "
+              "repository (new labels)")
 @click.option("--check", "check_repo", metavar="REPO", type=click.Path(path_type=Path), default=None,
               help="only validate the Triton repository REPO (give no BUNDLE then)")
 @click.option("--quiet", "-q", is_flag=True, help="print only the result line")
-def _cli(bundle_dir, repo, labels_file, bank, name, image_model, max_batch, gpu_sm, labels_only, check_repo, quiet):
+def _cli(bundle_dir, repo, backend, labels_file, bank, name, image_model, max_batch, gpu_sm, labels_only, check_repo,
+         quiet):
     """Write a Triton Inference Server model repository REPO from a qks BUNDLE: an image model
     (ONNX or TensorRT plan, dynamic batching), a scoring model holding the label bank (a small ONNX
-    graph: max over queries, sigmoid), and an ensemble from pixels to probabilities."""
+    graph: max over queries, sigmoid), and an ensemble from pixels to probabilities; or, with
+    --backend python, one model that runs the qks runtime (pixels or encoded images in)."""
     log = (lambda msg: None) if quiet else _log_default
     if check_repo is not None:
         if bundle_dir is not None or repo is not None:
             _fail("--check REPO takes no other arguments", 2)
-        problems = validate_repository(check_repo)
-        if len(problems) == 1:
-            _fail(f"{check_repo} does not validate: {problems[0]}")
-        for p in problems:
-            click.echo(f"qks-triton: {p}", err=True)
-        if problems:
-            _fail(f"{check_repo} does not validate: {len(problems)} problems (above)")
-        click.echo(f"{check_repo}: valid Triton repository ({len(_model_folders(check_repo))} models; configs parsed "
-                   "with tritonclient's ModelConfig)")
-        return
+        return _check_only(check_repo)
     if bundle_dir is None or repo is None:
         _fail("give BUNDLE and REPO (or --check REPO); see qks-triton --help", 2)
-    if labels_only:
-        if image_model != "auto" or max_batch is not None or gpu_sm is not None:
-            _fail("--labels-only rewrites the scoring model only: --image-model, --max-batch and --gpu-sm do not apply",
-                  2)
-        report = write_labels_only(bundle_dir, repo, labels=labels_file, bank=bank, name=name, log=log)
-    else:
-        report = write_repository(bundle_dir, repo, labels=labels_file, bank=bank, name=name or "qks",
-                                  image_model=image_model, max_batch=max_batch, gpu_sm=gpu_sm, log=log)
-        log(f"scoring model: {report.labels} labels ({report.bank_source})")
+    write = _write_labels_only_cli if labels_only else _write_cli
+    report, what = write(bundle_dir, repo, labels_file, bank, name, backend, image_model, max_batch, gpu_sm, log)
     if report.validated:
-        log("validated: every config.pbtxt parses with tritonclient's ModelConfig and the ensemble connects")
+        log("validated: every config.pbtxt parses with tritonclient's ModelConfig"
+            + ("" if "model" in report.models else " and the ensemble connects"))
     else:
-        log(f"validation skipped: tritonclient is not installed ({INSTALL_HINT})")
-    what = report.models["scoring"] if labels_only else ", ".join(report.models.values())
+        log(f"validation skipped: {tritonclient_missing() or 'tritonclient is not available'}")
     click.echo(f"wrote {report.path} ({what})")
 
 

@@ -5,7 +5,6 @@ Triton would, step by step from its parsed input_map/output_map, against qks-inf
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -13,56 +12,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 from runtime_fixtures import read_jsonl, rewrite_manifest, run_blocked
+from triton_helpers import NEW_LABELS, hashes, parse_config, pb, triton_cli, write_labels
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-NEW_LABELS = ["zebra", "hot air balloon", "cup of coffee", "Éclair", "东京 ramen", "cat"]
-
-
-def _pb():
-    return pytest.importorskip("tritonclient.grpc.model_config_pb2")
-
-
-def _parse(path: Path):
-    from google.protobuf import text_format
-
-    cfg = _pb().ModelConfig()
-    text_format.Parse(path.read_text(encoding="utf-8"), cfg)
-    return cfg
+_pb, _parse, _cli, _hashes, _write_labels = pb, parse_config, triton_cli, hashes, write_labels
 
 
 def _session(path: Path):
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-
-
-def _cli(args) -> tuple[int, str, str]:
-    from click.testing import CliRunner
-    from qks.export.triton import main
-
-    def run():
-        try:
-            main([str(a) for a in args])
-        except SystemExit as e:
-            return e.code or 0
-        return 0
-
-    runner = CliRunner()
-    with runner.isolation() as (out, err, _mixed):
-        code = run()
-    return code, out.getvalue().decode(), err.getvalue().decode()
-
-
-def _hashes(folder: Path) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _write_labels(path: Path, names: list[str]) -> Path:
-    path.write_text("\n".join(names) + "\n", encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -595,7 +556,7 @@ def test_external_data_is_copied(bundle_copy, tmp_path):
 def test_without_tritonclient_writing_works_and_says_validation_was_skipped(bundle_copy, tmp_path, monkeypatch):
     import qks.export.triton as tri
 
-    monkeypatch.setattr(tri, "_tritonclient_available", lambda: False)
+    monkeypatch.setattr(tri, "tritonclient_missing", lambda: "tritonclient is not installed (pip install 'qks[triton]')")
     code, out, err = _cli([bundle_copy, tmp_path / "repo"])
     assert code == 0 and "validation skipped: tritonclient is not installed (pip install 'qks[triton]')" in err
     assert (tmp_path / "repo" / "qks_scoring" / "1" / "model.onnx").is_file()
