@@ -85,7 +85,7 @@ def main(ckpt, out, labels_files, fp16, int8, tensorrt, max_batch, calibration_i
             click.echo(f"  {e['file']}  ({e['trt_module']} {e['trt_version']}, SM{e['sm']}, {e['precision']})")
     click.echo(f"wrote {report.path} ({len(m['files'])} files) in {time.perf_counter() - started:.1f} s")
     if triton_repo is not None:
-        from .triton import write_repository
+        from .triton import tritonclient_missing, write_repository
 
         try:
             tri = write_repository(report.path, triton_repo, log=log)
@@ -95,7 +95,7 @@ def main(ckpt, out, labels_files, fp16, int8, tensorrt, max_batch, calibration_i
             _fail("interrupted; the bundle was written, the Triton repository was not")
         except Exception as e:
             _fail(f"the bundle was written, the Triton repository was not: unexpected {type(e).__name__}: {one_line(e)}")
-        checked = "validated" if tri.validated else "not validated: tritonclient is not installed"
+        checked = "validated" if tri.validated else f"not validated: {tritonclient_missing()}"
         click.echo(f"wrote {tri.path} ({', '.join(tri.models.values())}; {checked})")
 
 
