@@ -1,6 +1,9 @@
 """`qks-triton BUNDLE REPO`: a Triton Inference Server model repository from a bundle (no torch).
 
-The repository holds three models (NAME defaults to `qks`):
+`--backend python` writes one Python-backend model that runs qks.runtime instead (see
+qks.export.triton_python; its config.pbtxt comes from `python_config` here, with the others). The
+default `--backend onnx` repository, for Triton's onnxruntime and tensorrt backends (NGC
+containers), holds three models (NAME defaults to `qks`):
 
     REPO/
       qks-triton.json          what was written, from which bundle (Triton ignores files here)
@@ -40,6 +43,7 @@ The repository holds three models (NAME defaults to `qks`):
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -544,6 +548,39 @@ def _tmp_beside(repo: Path, what: str) -> Path:
         raise TritonError(f"cannot write beside {repo}: {e.strerror or e}") from None
 
 
+@contextlib.contextmanager
+def _staging(repo: Path, what: str):
+    """A temporary folder beside REPO for a whole-or-nothing write: an OSError becomes one TritonError
+    line, and the folder is removed whatever happens."""
+    tmp = _tmp_beside(repo, what)
+    try:
+        yield tmp
+    except OSError as e:
+        raise TritonError(f"cannot write {repo}: {e.strerror or e}") from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_marker(folder: Path, marker: dict) -> None:
+    """FOLDER/qks-triton.json, replaced atomically."""
+    part = folder / (MARKER + ".tmp")
+    part.write_text(json.dumps(marker, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(part, folder / MARKER)
+
+
+def copy_graph(source: Path, version_dir: Path, filename: str, extra_files: list[str]) -> None:
+    """A graph file into a model's version folder as FILENAME, with its external data files beside it."""
+    version_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, version_dir / filename)
+    for rel in extra_files:
+        src = source.parent / rel
+        if not src.is_file():
+            raise TritonError(f"{source.name}: its external data file {rel} is missing")
+        (version_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, version_dir / rel)
+
+
 def _swap(new: Path, dest: Path, aside: Path) -> None:
     """Put `new` at `dest`, replacing what is there: renames on one file system, the old one moved to
     `aside` (outside the repository, where Triton does not look) and removed only after the new one
@@ -631,18 +668,10 @@ def write_repository(bundle_dir: str | Path, repo: str | Path, *, labels: str | 
     log(f"image model: {image.source.name} as {image.platform}, max_batch_size {image.max_batch} ({image.reason})")
     mode, k = bundle.scoring
     opset = _opset(bundle, image.graph)
-    tmp = _tmp_beside(repo, "qks-triton")
-    try:
+    with _staging(repo, "qks-triton") as tmp:
         # the image model
         img_dir = tmp / names["image"]
-        (img_dir / "1").mkdir(parents=True)
-        shutil.copyfile(image.source, img_dir / "1" / image.filename)
-        for rel in image.extra_files:
-            src = image.source.parent / rel
-            if not src.is_file():
-                raise TritonError(f"{image.source.name}: its external data file {rel} is missing")
-            (img_dir / "1" / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, img_dir / "1" / rel)
+        copy_graph(image.source, img_dir / "1", image.filename, image.extra_files)
         note = (f"\nserve with a Triton release built on TensorRT {image.trt_version}, on sm_{image.sm} GPUs"
                 if image.kind == "plan" else "")
         _write_config(img_dir, image_config(names["image"], image),
@@ -667,14 +696,9 @@ def write_repository(bundle_dir: str | Path, repo: str | Path, *, labels: str | 
             "label_encoder_sha256": bundle.graphs["label_encoder"].sha256 if "label_encoder" in bundle.graphs else None,
             "scoring": scoring,
         }
-        (tmp / MARKER).write_text(json.dumps(marker, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_marker(tmp, marker)
         validated = _validate_or_raise(tmp)
         _swap(tmp, repo, repo.absolute().parent / f".{repo.name}.old-{os.getpid()}")
-    except OSError as e:
-        raise TritonError(f"cannot write {repo}: {e.strerror or e}") from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return TritonReport(repo, name, names, image, len(lbank.names), lbank.source, validated)
 
 
@@ -718,38 +742,32 @@ def write_labels_only(bundle_dir: str | Path, repo: str | Path, *, labels: str |
     lbank = _load_bank(bundle, labels, bank)
     mode, k = bundle.scoring
     qf = img["outputs"][0]
-    tmp = _tmp_beside(repo, "qks-triton-scoring")
-    try:
+    with _staging(repo, "qks-triton-scoring") as tmp:
         scoring = _write_scoring(tmp / names["scoring"], names["scoring"], lbank, qf, int(img["max_batch_size"]),
                                  mode, k, _opset(bundle, img.get("graph", "image_encoder")), bundle.root)
-        validated = False
-        if _tritonclient_available():  # check the new scoring model against the repository's other models
-            check = tmp / "check"
-            check.mkdir()
-            for role in ("image", "ensemble"):
-                (check / names[role]).mkdir()
-                shutil.copyfile(repo / names[role] / "config.pbtxt", check / names[role] / "config.pbtxt")
-                (check / names[role] / "1").mkdir()
-            os.replace(tmp / names["scoring"], check / names["scoring"])
-            problems = validate_repository(check, models=[names["scoring"]])  # + the ensemble's wiring
-            if problems:
-                raise TritonError(f"the new scoring model does not fit the repository: {problems[0]}")
-            os.replace(check / names["scoring"], tmp / names["scoring"])
-            validated = True
+        validated = _scoring_fits(tmp, repo, names)
         _swap(tmp / names["scoring"], repo / names["scoring"], tmp / "old")
-        marker["scoring"] = scoring
-        marker["written"] = scoring["written"]
-        out = repo / MARKER
-        part = out.with_name(MARKER + ".tmp")
-        part.write_text(json.dumps(marker, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(part, out)
-    except OSError as e:
-        raise TritonError(f"cannot write {repo}: {e.strerror or e}") from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        write_marker(repo, {**marker, "scoring": scoring, "written": scoring["written"]})
     log(f"scoring model: {len(lbank.names)} labels ({lbank.source}) -> {repo / names['scoring']}")
     return TritonReport(repo, marker["name"], names, None, len(lbank.names), lbank.source, validated)
+
+
+def _scoring_fits(tmp: Path, repo: Path, names: dict) -> bool:
+    """The new scoring model in TMP against the repository's other models' configs (False: tritonclient
+    is not there to check with); TritonError if it does not fit."""
+    if not _tritonclient_available():
+        return False
+    check = tmp / "check"
+    check.mkdir()
+    for role in ("image", "ensemble"):
+        (check / names[role] / "1").mkdir(parents=True)
+        shutil.copyfile(repo / names[role] / "config.pbtxt", check / names[role] / "config.pbtxt")
+    os.replace(tmp / names["scoring"], check / names["scoring"])
+    problems = validate_repository(check, models=[names["scoring"]])  # + the ensemble's wiring
+    if problems:
+        raise TritonError(f"the new scoring model does not fit the repository: {problems[0]}")
+    os.replace(check / names["scoring"], tmp / names["scoring"])
+    return True
 
 
 # -- validation ----------------------------------------------------------------------------------------

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -79,27 +78,14 @@ def _spec(bundle, graph, bank, max_batch: int, graph_file: str) -> dict:
             "max_batch_size": int(max_batch)}
 
 
-def _copy_graph(graph, version_dir: Path) -> str:
-    """The image graph (and any external data) into the version folder; returns its file name."""
-    name = Path(graph.file).name
-    shutil.copyfile(graph.path, version_dir / name)
-    for rel in tri._external_data(graph.path):
-        src = graph.path.parent / rel
-        if not src.is_file():
-            raise TritonError(f"{name}: its external data file {rel} is missing")
-        (version_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, version_dir / rel)
-    return name
-
-
 def _write_model(folder: Path, name: str, bundle, graph, bank, max_batch: int) -> dict:
     """NAME/: config, labels, model.py, spec, graph, bank. Returns the marker's record of it."""
     from ..runtime import triton_model as tm
     from ..runtime.manifest import sha256_file
 
     version = folder / "1"
-    version.mkdir(parents=True)
-    graph_file = _copy_graph(graph, version)
+    graph_file = Path(graph.file).name
+    tri.copy_graph(graph.path, version, graph_file, tri._external_data(graph.path))
     (version / "model.py").write_text(MODEL_PY, encoding="utf-8")
     np.save(version / tm.BANK_FILE, np.ascontiguousarray(bank.embeddings, dtype=np.float32), allow_pickle=False)
     (folder / tm.LABELS_FILE).write_text("".join(n + "\n" for n in bank.names), encoding="utf-8")
@@ -122,12 +108,6 @@ def _marker(name: str, bundle, model: dict) -> dict:
             "models": {"model": name}, "written": tri._now(), "bundle": str(bundle.root), **model}
 
 
-def _write_marker(repo: Path, marker: dict) -> None:
-    part = repo / (tri.MARKER + ".tmp")
-    part.write_text(json.dumps(marker, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(part, repo / tri.MARKER)
-
-
 def write_python_repository(bundle_dir, repo, *, labels=None, bank=None, name: str = "qks", image_model: str = "auto",
                             max_batch: int | None = None, log=None) -> TritonReport:
     """Write REPO with one Python-backend model NAME for a bundle (see the module docstring)."""
@@ -142,17 +122,11 @@ def write_python_repository(bundle_dir, repo, *, labels=None, bank=None, name: s
     lbank = tri._load_bank(bundle, labels, bank)
     max_batch = max_batch or tri.DEFAULT_MAX_BATCH
     log(f"model {name}: {graph.file} on ONNX Runtime in Triton's python backend, max_batch_size {max_batch}")
-    tmp = tri._tmp_beside(repo, "qks-triton")
-    try:
+    with tri._staging(repo, "qks-triton") as tmp:
         model = _write_model(tmp / name, name, bundle, graph, lbank, max_batch)
-        _write_marker(tmp, _marker(name, bundle, model))
+        tri.write_marker(tmp, _marker(name, bundle, model))
         validated = tri._validate_or_raise(tmp)
         tri._swap(tmp, repo, repo.absolute().parent / f".{repo.name}.old-{os.getpid()}")
-    except OSError as e:
-        raise TritonError(f"cannot write {repo}: {e.strerror or e}") from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return TritonReport(repo, name, {"model": name}, None, len(lbank.names), lbank.source, validated)
 
 
@@ -168,17 +142,11 @@ def write_python_labels_only(bundle_dir, repo: Path, marker: dict, *, labels=Non
         raise TritonError(f"{repo}'s image model ({img.get('file')}) is not from this bundle; labels for it must be "
                           "encoded with its own bundle (or regenerate the whole repository)")
     lbank = tri._load_bank(bundle, labels, bank)
-    tmp = tri._tmp_beside(repo, "qks-triton-labels")
-    try:
+    with tri._staging(repo, "qks-triton-labels") as tmp:
         model = _write_model(tmp / name, name, bundle, graph, lbank, int(img["max_batch_size"]))
         validated = tri._validate_or_raise(tmp, models=[name])
         tri._swap(tmp / name, repo / name, tmp / "old")
-        _write_marker(repo, {**marker, **model, "written": model["scoring"]["written"]})
-    except OSError as e:
-        raise TritonError(f"cannot write {repo}: {e.strerror or e}") from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        tri.write_marker(repo, {**marker, **model, "written": model["scoring"]["written"]})
     log(f"model {name}: {len(lbank.names)} labels ({lbank.source}) -> {repo / name}")
     return TritonReport(repo, name, {"model": name}, None, len(lbank.names), lbank.source, validated)
 
