@@ -21,7 +21,14 @@ STAMPS := .cache/tuxpaint-stamps
 SERVE_VENV := .venv-serve
 SERVE_PY := $(SERVE_VENV)/bin/python
 
-.PHONY: venv serve-venv datasets stamps test lint demo clean
+# cpp/ (libqks, qks.h, qks-tag): cpp/scripts/deps.sh installs the Debian build dependencies (apt-get,
+# root) and fetches ONNX Runtime's C/C++ headers (Debian trixie's libonnxruntime-dev, through a private
+# apt list; nothing is committed), then a Release build (cpp/build) and an AddressSanitizer/UBSan
+# build (cpp/build-asan), both -Wall -Wextra -Werror. Without root or apt it prints why and the C++
+# tests skip with that reason.
+CPP_JOBS ?= 2
+
+.PHONY: venv serve-venv datasets stamps cpp test lint demo clean
 
 venv: $(VENV)/.installed
 
@@ -60,14 +67,23 @@ $(STAMPS)/.done:
 	  touch tuxpaint-stamps/.done && echo "stamps: extracted into $(STAMPS)"; \
 	else echo "note: could not download $(STAMPS_DEB) from Debian; the scene benchmark and its tests will be skipped"; fi
 
+cpp:
+	@sh cpp/scripts/deps.sh; rc=$$?; if [ $$rc -eq 0 ]; then \
+	  cmake -S cpp -B cpp/build -DCMAKE_BUILD_TYPE=Release -DQKS_WERROR=ON >/dev/null && \
+	  cmake --build cpp/build -j$(CPP_JOBS) -- --no-print-directory && \
+	  cmake -S cpp -B cpp/build-asan -DCMAKE_BUILD_TYPE=Debug "-DCMAKE_CXX_FLAGS_DEBUG=-O1 -g1" \
+	    "-DCMAKE_C_FLAGS_DEBUG=-O1 -g1" -DQKS_SANITIZE=ON -DQKS_WERROR=ON >/dev/null && \
+	  cmake --build cpp/build-asan -j$(CPP_JOBS) -- --no-print-directory; \
+	elif [ $$rc -ne 3 ]; then exit $$rc; fi
+
 lint: venv
 	$(VENV)/bin/ruff check .
 
-test: venv serve-venv datasets lint
+test: venv serve-venv datasets lint cpp
 	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q
 
 clean:
-	rm -rf $(VENV) $(SERVE_VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(SERVE_VENV) build *.egg-info .pytest_cache cpp/build cpp/build-asan cpp/.deps
 
 # The whole pipeline on real images, offline, CPU only: a small Fashion-/Animal-MNIST mosaic split,
 # the lite QKS head trained on its seen labels, the exported bundle run by qks-infer with labels
