@@ -130,7 +130,11 @@ def _triton_dtype(dtype: str, what: str) -> str:
 
 def _external_data(path: Path) -> list[str]:
     """Files an ONNX graph keeps its tensors in (external data), relative to the graph's folder."""
-    import onnx
+    try:
+        import onnx
+    except ImportError:
+        raise TritonError(f"reading {path.name} needs the onnx package: {INSTALL_HINT} (the serving environment "
+                          "has no onnx: write the repository from the qks[triton] one)") from None
 
     from ..runtime.manifest import BundleError, check_relpath
 

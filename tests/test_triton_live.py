@@ -70,12 +70,17 @@ def _repo(bundle: Path, out: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(runtime_bundle, tmp_path_factory):
+def pyrepo_live(runtime_bundle, tmp_path_factory) -> Path:
+    """The module's repository (max_batch_size 8), served read-only."""
+    _serve_python()
+    return _repo(runtime_bundle, tmp_path_factory.mktemp("live-repo") / "repo")
+
+
+@pytest.fixture(scope="module")
+def server(pyrepo_live):
     from qks.runtime.triton_server import TritonServer
 
-    python = _serve_python()
-    repo = _repo(runtime_bundle, tmp_path_factory.mktemp("live-repo") / "repo")
-    with TritonServer(repo, python=python) as s:
+    with TritonServer(pyrepo_live, python=_serve_python()) as s:
         yield s
     assert s.proc is None  # stopped
 
@@ -300,3 +305,43 @@ def test_a_model_that_cannot_load_stops_the_start_with_its_reason(runtime_bundle
             pass
     assert "image_encoder.onnx is missing" in str(e.value) and "\n" not in str(e.value)
     assert server.proc is None
+
+
+def test_the_serving_environment_and_its_command(runtime_bundle, pyrepo_live, tmp_path):
+    """.venv-serve has no torch (nor onnx: it cannot write repositories, and says so in one line), and
+    its qks-triton-server serves a repository on 127.0.0.1 until Ctrl-C, which stops the server too."""
+    import re
+    import signal
+    import subprocess
+    import urllib.request
+
+    python = _serve_python()
+    bin_dir = python.parent
+    r = subprocess.run([str(python), "-c", "import importlib.util as u; "
+                        "print([m for m in ('torch', 'torchvision', 'open_clip', 'onnx') if u.find_spec(m)])"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == "[]", r.stdout + r.stderr
+    r = subprocess.run([str(bin_dir / "qks-triton"), str(runtime_bundle), str(tmp_path / "repo"), "--backend", "python"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "needs the onnx package: pip install 'qks[triton]'" in r.stderr
+    assert r.stderr.count("error") == 1 and "Traceback" not in r.stderr
+    cli = subprocess.Popen([str(bin_dir / "qks-triton-server"), str(pyrepo_live), "--http-port", "0", "--grpc-port", "0",
+                            "--no-metrics"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        while "serving" not in line:
+            line = cli.stderr.readline()
+            assert line or cli.poll() is None, "qks-triton-server ended before serving"
+        url = re.search(r"HTTP (127\.0\.0\.1:\d+)", line)[1]
+        pid = int(re.search(r"\(pid (\d+)\)", line)[1])
+        with urllib.request.urlopen(f"http://{url}/v2/health/ready", timeout=10) as resp:
+            assert resp.status == 200
+        cli.send_signal(signal.SIGINT)  # Ctrl-C
+        rest = cli.stderr.read()
+        assert cli.wait(60) == 0 and "qks-triton-server: stopped" in rest
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # the tritonserver it started is gone with it
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait(30)
