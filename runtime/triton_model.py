@@ -225,16 +225,17 @@ def request_pixels(model: QksServingModel, pixels: np.ndarray | None, images: np
     return np.stack(images)
 
 
+def decode_requests(model: QksServingModel, images: list[np.ndarray | None]) -> list[list | None]:
+    """Every request's encoded images (BYTES [B, 1], or None) decoded in one pool pass, regrouped."""
+    blobs = [None if imgs is None else list(np.asarray(imgs, dtype=object).reshape(-1)) for imgs in images]
+    flat = iter(model.decode_all([b for bs in blobs if bs is not None for b in bs]))
+    return [None if bs is None else [next(flat) for _ in bs] for bs in blobs]
+
+
 def serve_batch(model: QksServingModel, requests: list[tuple[np.ndarray | None, np.ndarray | None]]) -> list:
     """Requests as (pixels or None, encoded images [B, 1] or None) -> per request (probabilities, logits)
     or a RequestError; all servable requests run as one engine batch."""
-    blobs = [[b for b in np.asarray(imgs, dtype=object).reshape(-1)] if imgs is not None else None
-             for _pix, imgs in requests]
-    flat = model.decode_all([b for bs in blobs if bs is not None for b in bs])
-    decoded, pos = [], 0
-    for bs in blobs:
-        decoded.append(None if bs is None else flat[pos:pos + len(bs)])
-        pos += 0 if bs is None else len(bs)
+    decoded = decode_requests(model, [imgs for _pix, imgs in requests])
     inputs = [request_pixels(model, pix, dec) for (pix, _), dec in zip(requests, decoded, strict=True)]
     good = [x for x in inputs if isinstance(x, np.ndarray)]
     if not good:
@@ -245,8 +246,7 @@ def serve_batch(model: QksServingModel, requests: list[tuple[np.ndarray | None, 
         if isinstance(x, RequestError):
             results.append(x)
             continue
-        rows = slice(start, start + len(x))
-        start += len(x)
+        rows, start = slice(start, start + len(x)), start + len(x)
         results.append((probs[rows], lg[rows]) if finite[rows].all() else
                        RequestError("model output is not finite (NaN or inf): check the pixels"))
     return results
