@@ -40,7 +40,7 @@ public:
                 const Spec* spec = nullptr;
                 for (const auto& s : specs)
                     if (s.name == a || (!s.alias.empty() && s.alias == a)) spec = &s;
-                if (!spec) throw UsageError{"No such option: " + a};
+                if (!spec) throw UsageError{"No such option '" + a + "'."};
                 if (spec->flag) {
                     if (has_value) throw UsageError{"Option '" + spec->name + "' does not take a value."};
                     values[spec->name] = "1";
@@ -69,7 +69,7 @@ public:
         char* end = nullptr;
         long n = std::strtol(v.c_str(), &end, 10);
         if (v.empty() || *end != '\0' || n > 1000000000L || n < -1000000000L)
-            throw UsageError{"Invalid value for '" + name + "': '" + v + "' is not a valid integer."};
+            throw UsageError{"Invalid value for '" + name + "': '" + v + "' is not a valid integer range."};
         if (n < min)
             throw UsageError{"Invalid value for '" + name + "': " + v + " is not in the range x>=" + std::to_string(min) + "."};
         return static_cast<int>(n);

@@ -137,7 +137,7 @@ Config parse(int argc, char** argv) {
         const std::string v = args.get("--threshold");
         char* end = nullptr;
         double t = std::strtod(v.c_str(), &end);
-        if (v.empty() || *end != '\0' || std::isnan(t)) throw UsageError{"Invalid value for '--threshold': '" + v + "' is not a valid float."};
+        if (v.empty() || *end != '\0' || std::isnan(t)) throw UsageError{"Invalid value for '--threshold': '" + v + "' is not a valid float range."};
         if (t < 0 || t > 1)
             throw UsageError{"Invalid value for '--threshold': " + qks::detail::py_float_repr(t) + " is not in the range 0<=x<=1."};
         c.record.threshold = t;
@@ -166,17 +166,6 @@ int run(const Config& c) {
     }
     std::unique_ptr<qks::Tagger> tagger;
     try {
-        if (!c.options.labels_file.empty()) {  // qks-infer warns about repeated labels
-            qks::detail::LabelList list = qks::detail::read_label_file(c.options.labels_file);
-            if (!list.duplicates.empty()) {
-                std::string shown;
-                for (std::size_t i = 0; i < list.duplicates.size() && i < 5; ++i)
-                    shown += (i ? ", " : "") + qks::detail::py_repr(list.duplicates[i]);
-                std::fprintf(stderr, "%s: warning: %s: %zu duplicate label(s) kept once: %s%s\n", kProg,
-                             qks::detail::py_path_str(c.options.labels_file).c_str(), list.duplicates.size(), shown.c_str(),
-                             list.duplicates.size() > 5 ? " ..." : "");
-            }
-        }
         tagger = std::make_unique<qks::Tagger>(c.bundle, c.options);
     } catch (const qks::Error& e) {
         fail(e.what());
@@ -185,6 +174,21 @@ int run(const Config& c) {
     std::fprintf(stderr, "%s: backend ort-cpu (%s%s, ONNX Runtime %s), labels %s (%zu)\n", kProg, tagger->graph().c_str(),
                  c.options.threads ? (", threads=" + std::to_string(c.options.threads)).c_str() : "",
                  tagger->ort_version().c_str(), tagger->bank_source().c_str(), tagger->labels().size());
+    if (!c.options.labels_file.empty()) {  // qks-infer warns about repeated labels
+        qks::detail::LabelList list;
+        try {
+            list = qks::detail::read_label_file(c.options.labels_file);  // read once already: cannot fail
+        } catch (const qks::Error&) {
+        }
+        if (!list.duplicates.empty()) {
+            std::string shown;
+            for (std::size_t i = 0; i < list.duplicates.size() && i < 5; ++i)
+                shown += (i ? ", " : "") + qks::detail::py_repr(list.duplicates[i]);
+            std::fprintf(stderr, "%s: warning: %s: %zu duplicate label(s) kept once: %s%s\n", kProg,
+                         qks::detail::py_path_str(c.options.labels_file).c_str(), list.duplicates.size(), shown.c_str(),
+                         list.duplicates.size() > 5 ? " ..." : "");
+        }
+    }
     std::vector<std::string> names;
     try {
         names = qks::find_images(c.images);
