@@ -31,15 +31,22 @@ grpc = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is no
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 
-def _serve_python() -> Path:
+def _missing_serving_environment() -> str | None:
     from qks.runtime.triton_server import ServerError, find_install
 
-    python = SERVE_VENV / "bin" / "python"
     try:
-        find_install(python)
+        find_install(SERVE_VENV / "bin" / "python")
     except ServerError as e:
-        pytest.skip(f"no serving environment at {SERVE_VENV} ({e})")
-    return python
+        return f"no serving environment at {SERVE_VENV} ({e})"
+    return None
+
+
+_MISSING = _missing_serving_environment()
+pytestmark = pytest.mark.skipif(_MISSING is not None, reason=_MISSING or "")  # before any fixture is made
+
+
+def _serve_python() -> Path:
+    return SERVE_VENV / "bin" / "python"
 
 
 @pytest.fixture(scope="module")
