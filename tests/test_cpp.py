@@ -14,6 +14,7 @@ value in thirty differs in its last (7th) digit; keys, order, label choice and e
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -179,6 +180,21 @@ def load_libqks():
     return lib
 
 
+@contextlib.contextmanager
+def opened(lib, bundle: Path):
+    """qks_open with one ONNX Runtime thread and the wheel's library; qks_close at the end."""
+    opts = _Options()
+    lib.qks_options_init(ctypes.byref(opts))
+    opts.threads = 1
+    opts.ort_library = ort_library().encode()
+    tagger = ctypes.c_void_p()
+    assert lib.qks_open(str(bundle).encode(), ctypes.byref(opts), ctypes.byref(tagger)) == 0, lib.qks_last_error()
+    try:
+        yield tagger
+    finally:
+        lib.qks_close(tagger)
+
+
 def test_query_features_and_probabilities_match_the_python_engine(runtime_bundle, odd):
     from qks.runtime.backend import select_backend
     from qks.runtime.bundle import Bundle
@@ -188,13 +204,7 @@ def test_query_features_and_probabilities_match_the_python_engine(runtime_bundle
     root, names = odd
     paths = [root / n for n in names[:8]]
     lib = load_libqks()
-    opts = _Options()
-    lib.qks_options_init(ctypes.byref(opts))
-    opts.threads = 1
-    opts.ort_library = ort_library().encode()
-    tagger = ctypes.c_void_p()
-    assert lib.qks_open(str(runtime_bundle).encode(), ctypes.byref(opts), ctypes.byref(tagger)) == 0, lib.qks_last_error()
-    try:
+    with opened(lib, runtime_bundle) as tagger:
         nq, d, n_labels = lib.qks_queries(tagger), lib.qks_dim(tagger), lib.qks_label_count(tagger)
         arr = (ctypes.c_char_p * len(paths))(*[str(p).encode() for p in paths])
         res = ctypes.c_void_p()
@@ -207,8 +217,6 @@ def test_query_features_and_probabilities_match_the_python_engine(runtime_bundle
                               for i in range(len(paths))])
         finally:
             lib.qks_results_free(res)
-    finally:
-        lib.qks_close(tagger)
     bundle = Bundle.load(runtime_bundle)
     engine, _ = select_backend(bundle, "ort-cpu", threads=1, precision="fp32")
     with engine:
@@ -221,13 +229,7 @@ def test_query_features_and_probabilities_match_the_python_engine(runtime_bundle
 
 def test_tag_rgb_equals_tagging_the_same_pixels_from_a_file(runtime_bundle, tmp_path):
     lib = load_libqks()
-    opts = _Options()
-    lib.qks_options_init(ctypes.byref(opts))
-    opts.threads = 1
-    opts.ort_library = ort_library().encode()
-    tagger = ctypes.c_void_p()
-    assert lib.qks_open(str(runtime_bundle).encode(), ctypes.byref(opts), ctypes.byref(tagger)) == 0
-    try:
+    with opened(lib, runtime_bundle) as tagger:
         rgb = np.random.default_rng(3).integers(0, 256, (45, 70, 3), dtype=np.uint8)
         Image.fromarray(rgb).save(tmp_path / "a.png")
         padded = np.zeros((45, 80, 3), np.uint8)  # rows with padding: stride > 3 * width
@@ -248,8 +250,6 @@ def test_tag_rgb_equals_tagging_the_same_pixels_from_a_file(runtime_bundle, tmp_
         assert lib.qks_tag_rgb(tagger, padded.tobytes(), 70, 45, 10, ctypes.byref(res)) == 1  # stride < 3 * width
         assert b"stride" in lib.qks_last_error()
         assert not res.value
-    finally:
-        lib.qks_close(tagger)
 
 
 # -- qks-tag against qks-infer -------------------------------------------------------------------------

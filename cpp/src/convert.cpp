@@ -41,33 +41,6 @@ void check_size(std::uint64_t w, std::uint64_t h) {
 
 }  // namespace
 
-std::string py_bytes_repr(const std::string& b) {
-    bool single = b.find('\'') != std::string::npos, dbl = b.find('"') != std::string::npos;
-    char q = (single && !dbl) ? '"' : '\'';
-    std::string o = "b";
-    o += q;
-    char buf[8];
-    for (unsigned char c : b) {
-        if (c == '\\' || c == static_cast<unsigned char>(q)) {
-            o += '\\';
-            o += char(c);
-        } else if (c == '\t') {
-            o += "\\t";
-        } else if (c == '\n') {
-            o += "\\n";
-        } else if (c == '\r') {
-            o += "\\r";
-        } else if (c < 0x20 || c >= 0x7F) {
-            std::snprintf(buf, sizeof buf, "\\x%02x", c);
-            o += buf;
-        } else {
-            o += char(c);
-        }
-    }
-    o += q;
-    return o;
-}
-
 RgbImage to_rgb(const PilImage& img) {
     RgbImage out;
     out.width = img.width;

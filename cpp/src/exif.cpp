@@ -2,7 +2,7 @@
 
 #include <cstdint>
 
-#include "image.hpp"
+#include "text.hpp"
 
 namespace qks::detail {
 

@@ -42,7 +42,4 @@ RgbImage to_rgb(const PilImage& img);
 // Throws qks::Error(Status::image, the record's error text).
 RgbImage load_rgb(const std::string& path);
 
-// Python's repr() of a bytes object, b'...'.
-std::string py_bytes_repr(const std::string& b);
-
 }  // namespace qks::detail

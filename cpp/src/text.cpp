@@ -105,49 +105,63 @@ std::string utf8_encode(char32_t c) {
     return o;
 }
 
+namespace {
+// The quote Python's repr() picks: ' unless the text has ' and no ".
+char py_quote(const std::string& s) {
+    return s.find('\'') != std::string::npos && s.find('"') == std::string::npos ? '"' : '\'';
+}
+
+// One byte below 0x80 (or any byte of a bytes object) as repr() writes it between quotes `q`.
+void py_escape_byte(std::string& o, unsigned char c, char q, bool bytes) {
+    char buf[8];
+    if (c == '\\' || c == static_cast<unsigned char>(q)) {
+        o += '\\';
+        o += char(c);
+    } else if (c == '\n') {
+        o += "\\n";
+    } else if (c == '\r') {
+        o += "\\r";
+    } else if (c == '\t') {
+        o += "\\t";
+    } else if (c < 0x20 || c == 0x7F || (bytes && c >= 0x80)) {
+        std::snprintf(buf, sizeof buf, "\\x%02x", c);
+        o += buf;
+    } else {
+        o += char(c);
+    }
+}
+}  // namespace
+
 std::string py_repr(const std::string& s) {
-    bool single = s.find('\'') != std::string::npos, dbl = s.find('"') != std::string::npos;
-    char q = (single && !dbl) ? '"' : '\'';
+    const char q = py_quote(s);
     std::string o(1, q);
     char buf[8];
     for (std::size_t i = 0; i < s.size();) {
         std::size_t n = utf8_sequence(s, i);
-        unsigned char c = static_cast<unsigned char>(s[i]);
         if (n == 0) {  // not produced by JSON; shown as Python shows a surrogate escape
-            std::snprintf(buf, sizeof buf, "\\udc%02x", c);
+            std::snprintf(buf, sizeof buf, "\\udc%02x", static_cast<unsigned char>(s[i]));
             o += buf;
             ++i;
             continue;
         }
         if (n == 1) {
-            if (c == '\\' || c == static_cast<unsigned char>(q)) {
-                o += '\\';
-                o += char(c);
-            } else if (c == '\n') {
-                o += "\\n";
-            } else if (c == '\r') {
-                o += "\\r";
-            } else if (c == '\t') {
-                o += "\\t";
-            } else if (c < 0x20 || c == 0x7F) {
-                std::snprintf(buf, sizeof buf, "\\x%02x", c);
-                o += buf;
-            } else {
-                o += char(c);
-            }
+            py_escape_byte(o, static_cast<unsigned char>(s[i]), q, false);
+        } else if (decode_at(s, i, n) < 0xA0) {  // C1 controls are not printable in Python
+            std::snprintf(buf, sizeof buf, "\\x%02x", unsigned(decode_at(s, i, n)));
+            o += buf;
         } else {
-            char32_t cp = decode_at(s, i, n);
-            if (cp < 0xA0) {  // C1 controls are not printable in Python
-                std::snprintf(buf, sizeof buf, "\\x%02x", unsigned(cp));
-                o += buf;
-            } else {
-                o.append(s, i, n);
-            }
+            o.append(s, i, n);
         }
         i += n;
     }
-    o += q;
-    return o;
+    return o + q;
+}
+
+std::string py_bytes_repr(const std::string& b) {
+    const char q = py_quote(b);
+    std::string o = std::string("b") + q;
+    for (unsigned char c : b) py_escape_byte(o, c, q, true);
+    return o + q;
 }
 
 std::string py_float_repr(double v) {

@@ -21,6 +21,8 @@ std::string utf8_encode(char32_t c);
 
 // Python's repr() of a str given as UTF-8, e.g. 'image_encoder.onnx'.
 std::string py_repr(const std::string& s);
+// Python's repr() of a bytes object, b'...'.
+std::string py_bytes_repr(const std::string& b);
 // Python's repr() of a float: the shortest string that reads back as `v` ("1.0", "1e-05").
 std::string py_float_repr(double v);
 
