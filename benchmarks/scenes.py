@@ -25,9 +25,11 @@ report ZSL F1@1 (is the first-ranked unseen label right?) beside ZSL mAP, with c
 Output (under `out_dir`):
     images/train/000000.jpg ...  RGB JPEG (quality 92), `size` x `size`
     images/test/000000.jpg ...
-    train.jsonl, test.jsonl      {"image": "images/test/000000.jpg", "labels": [...], "stamps": [...]}
+    train.jsonl, test.jsonl      {"image": "images/test/000000.jpg", "labels": [...], "stamps": [...],
+                                  "boxes": [[x0, y0, x1, y1], ...], "background": "plain"}
     seen.txt, unseen.txt, labels.txt (seen then unseen), scenes.json (configuration and counts)
-`stamps` lists the stamp files pasted, in paste order; qks.data ignores the key.
+`stamps` lists the stamp files pasted, in paste order, and `boxes` where each went; qks.data ignores
+the extra keys.
 
 CLI: `python -m benchmarks.scenes /tmp/qks-scenes --train 3000 --test 800 --seed 0`.
 """
@@ -116,8 +118,9 @@ def load_stamps(root: Path) -> list[Stamp]:
 
 @dataclass
 class Split:
-    seen: list[str]
+    seen: list[str]  # trained on (all seen concepts, or a subset for a learning curve)
     unseen: list[str]
+    test_seen: list[str]  # the seen concepts test scenes draw from: all of them, whatever `concepts` is
     train_stamps: dict[str, list[Stamp]]  # seen concept -> stamps for training scenes
     test_stamps: dict[str, list[Stamp]]  # every concept -> stamps for test scenes
 
@@ -131,9 +134,6 @@ def split_concepts(stamps: list[Stamp], cfg: SceneConfig, rng: np.random.Generat
     n_unseen = max(1, round(cfg.unseen_fraction * len(concepts)))
     unseen = sorted(concepts[i] for i in order[:n_unseen])
     seen = sorted(concepts[i] for i in order[n_unseen:])
-    if cfg.concepts is not None:  # a learning curve: the same unseen set, fewer seen concepts
-        keep = rng.permutation(len(seen))[:cfg.concepts]
-        seen = sorted(seen[i] for i in keep)
     train, test = {}, {}
     for c in seen:
         group = by_concept[c]
@@ -142,7 +142,11 @@ def split_concepts(stamps: list[Stamp], cfg: SceneConfig, rng: np.random.Generat
         test[c] = [group[held]] if held is not None else list(group)
     for c in unseen:
         test[c] = list(by_concept[c])
-    return Split(seen, unseen, train, test)
+    trained = seen
+    if cfg.concepts is not None:  # a learning curve: fewer seen concepts, the same unseen ones and test scenes
+        keep = rng.permutation(len(seen))[:cfg.concepts]
+        trained = sorted(seen[i] for i in keep)
+    return Split(trained, unseen, seen, {c: train[c] for c in trained}, test)
 
 
 # ---- drawing -----------------------------------------------------------------------------------
@@ -210,8 +214,9 @@ def _overlap_ok(box: tuple[int, int, int, int], boxes: list[tuple[int, int, int,
 
 
 def compose(stamps: list[Stamp], cfg: SceneConfig, rng: np.random.Generator, textures: list[np.ndarray]):
-    """One scene: (RGB Pillow image, the stamps actually placed). A stamp that finds no place within
-    the overlap limit after 50 tries is left out (rare: 4 objects at the largest scale)."""
+    """One scene: (RGB Pillow image, the stamps actually placed, their boxes, the background kind). A
+    stamp that finds no place within the overlap limit after 50 tries is left out (rare: 4 objects at
+    the largest scale)."""
     from PIL import Image
 
     size = cfg.size
@@ -229,7 +234,7 @@ def compose(stamps: list[Stamp], cfg: SceneConfig, rng: np.random.Generator, tex
                 boxes.append((x, y, x + w, y + h))
                 placed.append(stamp)
                 break
-    return canvas.convert("RGB"), placed
+    return canvas.convert("RGB"), placed, boxes, kind
 
 
 def _pick(pool: dict[str, list[Stamp]], concepts: list[str], rng: np.random.Generator) -> list[Stamp]:
@@ -243,7 +248,8 @@ def scene_concepts(split: Split, cfg: SceneConfig, test: bool, rng: np.random.Ge
     k = int(rng.integers(1, n + 1))  # unseen objects: at least one
     k = min(k, len(split.unseen))
     unseen = [split.unseen[i] for i in rng.choice(len(split.unseen), size=k, replace=False)]
-    seen = [split.seen[i] for i in rng.choice(len(split.seen), size=min(n - k, len(split.seen)), replace=False)]
+    pool = split.test_seen
+    seen = [pool[i] for i in rng.choice(len(pool), size=min(n - k, len(pool)), replace=False)]
     both = unseen + seen
     return [both[i] for i in rng.permutation(len(both))]
 
@@ -259,6 +265,7 @@ def generate(out_dir: Path, cfg: SceneConfig, stamps_root: str | Path | None = N
     rng = np.random.default_rng(cfg.seed)
     split = split_concepts(stamps, cfg, rng)
     textures = _textures()
+    known = set(split.seen) | set(split.unseen)
     out_dir = Path(out_dir)
     counts = {}
     for name, n, test in (("train", cfg.train_scenes, False), ("test", cfg.test_scenes, True)):
@@ -268,17 +275,21 @@ def generate(out_dir: Path, cfg: SceneConfig, stamps_root: str | Path | None = N
         lines, objects = [], 0
         for i in tqdm(range(n), desc=f"{name} scenes", unit="scene", disable=not progress):
             scene_rng = np.random.default_rng([cfg.seed, int(test), i])
-            image, placed = compose(_pick(pool, scene_concepts(split, cfg, test, scene_rng), scene_rng),
-                                    cfg, scene_rng, textures)
+            image, placed, boxes, kind = compose(_pick(pool, scene_concepts(split, cfg, test, scene_rng), scene_rng),
+                                                 cfg, scene_rng, textures)
             if test and not any(s.concept in split.unseen for s in placed):
                 # The unseen object found no place (rare): paste it alone on a fresh background.
-                image, placed = compose(_pick(pool, [split.unseen[int(scene_rng.integers(len(split.unseen)))]],
-                                              scene_rng), cfg, scene_rng, textures)
+                image, placed, boxes, kind = compose(
+                    _pick(pool, [split.unseen[int(scene_rng.integers(len(split.unseen)))]], scene_rng),
+                    cfg, scene_rng, textures)
             rel = f"images/{name}/{i:06d}.jpg"
             image.save(out_dir / rel, quality=92)
             objects += len(placed)
-            lines.append(json.dumps({"image": rel, "labels": sorted({s.concept for s in placed}),
-                                     "stamps": [str(s.path.relative_to(root)) for s in placed]}))
+            # Labels: the concepts of this split's label set (a learning curve's test scenes also hold
+            # seen concepts it does not train: unannotated objects, like any tagger meets).
+            lines.append(json.dumps({"image": rel, "labels": sorted({s.concept for s in placed} & known),
+                                     "stamps": [str(s.path.relative_to(root)) for s in placed],
+                                     "boxes": [list(b) for b in boxes], "background": kind}))
         (out_dir / f"{name}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
         counts[name] = {"scenes": n, "objects": objects}
     (out_dir / "seen.txt").write_text("\n".join(split.seen) + "\n", encoding="utf-8")
