@@ -196,6 +196,24 @@ def make_odd_images(root: Path) -> list[str]:
     write("raw_profile_exif_8.png", raw_png(w, h, 8, 2, rows(3), extra=[(b"zTXt", b"Raw profile type exif\0\0" + zlib.compress(profile))]))
     write("xmp_itxt_5.png", raw_png(w, h, 8, 2, rows(3), extra=[(b"iTXt", b"XML:com.adobe.xmp\0\0\0\0\0" + b'<x tiff:Orientation="5"/>')]))
     write("split_idat.png", _split_idat_png(60, 50, rng))
+    # GIF: Pillow's own (interlaced, palette), grey (the identity palette: mode L), transparent,
+    # animated (first frame), and hand-written ones: a frame smaller than the screen on a
+    # transparent canvas, a frame larger than the screen, a local palette, not interlaced
+    save("pillow.gif", photo.convert("P", palette=Image.Palette.ADAPTIVE, colors=64))
+    save("gray.gif", photo.convert("L"))
+    save("transparent.gif", pal16, transparency=2)
+    frames = [_rng_image(60 + i, 30, 20).convert("P", palette=Image.Palette.ADAPTIVE, colors=8) for i in range(3)]
+    frames[0].save(root / "animated.gif", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    names.append("animated.gif")
+    pal = rng_pal = np.random.default_rng(61).integers(0, 256, 16 * 3, dtype=np.uint8).tobytes()
+    idx = np.random.default_rng(62).integers(0, 16, (9, 11), dtype=np.uint8)
+    write("gif_offset_frame.gif", raw_gif(20, 15, idx, global_palette=pal, frame=(5, 3), transparency=7))
+    write("gif_big_frame.gif", raw_gif(6, 4, idx, global_palette=pal, frame=(0, 0)))
+    write("gif_local_palette.gif", raw_gif(11, 9, idx, local_palette=rng_pal[::-1]))
+    write("gif_plain.gif", raw_gif(11, 9, idx, global_palette=pal, interlace=False, gif87=True))
+    write("gif_interlaced.gif", raw_gif(11, 9, idx, global_palette=pal, interlace=True))
+    write("gif_grey_ramp.gif", raw_gif(11, 9, idx, global_palette=bytes(v for i in range(16) for v in (i, i, i))))
+    write("gif_no_palette.gif", raw_gif(11, 9, idx))
     write("png_named.jpg", _png_bytes(_rng_image(41, 20, 20)))  # decoded by content
     write("jpeg_named.png", _jpeg_bytes(_rng_image(42, 20, 20)))
     # geometry: exact size, needs no resize, a strip past MAX_INTERMEDIATE_PIXELS
@@ -247,6 +265,60 @@ def _split_idat_png(w: int, h: int, rng) -> bytes:
     for i in range(0, len(comp), 777):
         out += _chunk(b"IDAT", comp[i:i + 777])
     return out + _chunk(b"IEND", b"")
+
+
+def _lzw_literals(idx: np.ndarray, bits: int, bad_code: bool = False) -> bytes:
+    """LZW data that uses no string codes: a clear code often enough that the code size never grows."""
+    clear, end, size = 1 << bits, (1 << bits) + 1, bits + 1
+    codes, run = [clear], 0
+    for v in idx.reshape(-1).tolist():
+        if run == (1 << size) - (1 << bits) - 2:  # the next code would make the decoder widen the codes
+            codes.append(clear)
+            run = 0
+        codes.append(v)
+        run += 1
+    if bad_code:
+        codes[3] = (1 << size) - 1  # a string code that does not exist yet
+    codes.append(end)
+    acc = nbits = 0
+    out = bytearray()
+    for c in codes:
+        acc |= c << nbits
+        nbits += size
+        while nbits >= 8:
+            out.append(acc & 0xFF)
+            acc >>= 8
+            nbits -= 8
+    if nbits:
+        out.append(acc & 0xFF)
+    blocks = b"".join(bytes([len(out[i:i + 255])]) + bytes(out[i:i + 255]) for i in range(0, len(out), 255))
+    return blocks + b"\0"
+
+
+def raw_gif(w: int, h: int, idx: np.ndarray, global_palette: bytes | None = None, local_palette: bytes | None = None,
+            frame: tuple[int, int] = (0, 0), transparency: int | None = None, interlace: bool = False,
+            gif87: bool = False, bad_code: bool = False) -> bytes:
+    """A one-frame GIF written by hand: screen w x h, the frame idx [fh, fw] at `frame` (x, y)."""
+    fh, fw = idx.shape
+    rows = idx
+    if interlace:
+        order = list(range(0, fh, 8)) + list(range(4, fh, 8)) + list(range(2, fh, 4)) + list(range(1, fh, 2))
+        rows = idx[order]
+
+    def table_flags(p):
+        return 0 if p is None else 0x80 | (max(1, (len(p) // 3 - 1).bit_length()) - 1)
+
+    out = (b"GIF87a" if gif87 else b"GIF89a") + struct.pack("<HHBBB", w, h, table_flags(global_palette), 0, 0)
+    if global_palette is not None:
+        out += global_palette
+    if transparency is not None:
+        out += b"!\xf9\x04" + bytes([1]) + struct.pack("<H", 0) + bytes([transparency]) + b"\0"
+    out += b"!\xfe\x05hello\0"  # a comment
+    flags = table_flags(local_palette) | (0x40 if interlace else 0)
+    out += b"," + struct.pack("<HHHHB", frame[0], frame[1], fw, fh, flags)
+    if local_palette is not None:
+        out += local_palette
+    return out + bytes([4]) + _lzw_literals(rows, 4, bad_code) + b";"
 
 
 def make_broken_images(root: Path) -> list[str]:
@@ -307,9 +379,18 @@ def make_broken_images(root: Path) -> list[str]:
           + _chunk(b"IDAT", zlib.compress(b"\0" * 64)) + _chunk(b"IEND", b""))
     write("big_header.png", b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", 10_000, 9_000, 8, 2, 0, 0, 0))
           + _chunk(b"IDAT", zlib.compress(b"\0" * 64)) + _chunk(b"IEND", b""))
+    idx = np.random.default_rng(63).integers(0, 16, (9, 11), dtype=np.uint8)
+    pal = bytes(range(48))
+    gif = raw_gif(11, 9, idx, global_palette=pal)
+    write("gif_cut.gif", gif[: len(gif) - 12])
+    write("gif_header_only.gif", gif[:13])
+    write("gif_no_image.gif", gif[:13 + 48] + b";")
+    write("gif_bits_13.gif", gif.replace(b",\0\0\0\0\x0b\0\x09\0\0\x04", b",\0\0\0\0\x0b\0\x09\0\0\x0d"))
+    write("gif_bad_code.gif", raw_gif(11, 9, idx, global_palette=pal, bad_code=True))
+    write("gif_zero_width.gif", raw_gif(11, 9, idx[:, :0].copy(), global_palette=pal))
     buf = io.BytesIO()
-    Image.new("RGB", (4, 4)).save(buf, format="GIF")
-    write("a_gif.gif", buf.getvalue())
+    Image.new("RGB", (4, 4)).convert("P").save(buf, format="BMP")
+    write("a_bmp.bmp", buf.getvalue())
     os.symlink(root / "gone.jpg", root / "dangling.jpg")
     names.append("dangling.jpg")
     os.symlink(root / "loop_b.jpg", root / "loop_a.jpg")
@@ -329,4 +410,4 @@ def npy_load(path: Path) -> np.ndarray:
 
 
 __all__ = ["ASAN_BUILD", "BUILD", "CPP", "ROOT", "cpp_env", "exif_orientation", "make_broken_images", "make_odd_images",
-           "npy_load", "ort_library", "raw_png", "run_qks_infer", "run_tool", "skip_reason"]
+           "npy_load", "ort_library", "raw_gif", "raw_png", "run_qks_infer", "run_tool", "skip_reason"]

@@ -2,8 +2,8 @@
 
 - the image graph's input tensor bit for bit on a folder of odd images (every JPEG subsampling,
   progressive, grey, CMYK, every EXIF orientation, XMP, all PNG depths and colour types, Adam7,
-  palettes short or missing, 16-bit, thin strips past the intermediate-size limit, ...), and the
-  same error text for every broken one;
+  palettes short or missing, 16-bit, GIFs of every layout, thin strips past the intermediate-size
+  limit, ...), and the same error text for every broken one;
 - the query features bit for bit (same ONNX Runtime library, loaded by dlopen);
 - qks-tag's records and exit codes against qks-infer's with each label-choice option.
 
@@ -37,7 +37,7 @@ from PIL import Image
 
 pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")
 
-GIF_NOTE = "cannot decode image: a GIF file (qks-tag reads JPEG and PNG; qks-infer reads it)"
+BMP_NOTE = "cannot decode image: a BMP file (qks-tag reads JPEG, PNG and GIF; qks-infer reads it)"
 
 
 @pytest.fixture(scope="module")
@@ -107,9 +107,9 @@ def test_broken_images_give_the_python_error_text(runtime_bundle, broken, tmp_pa
     paths = [root / n for n in names]
     want = python_pixels(runtime_bundle, paths)
     got = cpp_pixels(runtime_bundle, paths, tmp_path)
-    gif = names.index("a_gif.gif")
-    assert got[gif] == GIF_NOTE and not isinstance(want[gif], str)  # the one documented gap
-    keep = [i for i in range(len(names)) if i != gif]
+    bmp = names.index("a_bmp.bmp")
+    assert got[bmp] == BMP_NOTE and not isinstance(want[bmp], str)  # formats qks-tag does not read: named
+    keep = [i for i in range(len(names)) if i != bmp]
     decodable = {"jpeg_corrupt.jpg", "png_short_data.png"}  # damaged, yet Pillow decodes them (so must we)
     assert {names[i] for i in keep if not isinstance(want[i], str)} == decodable
     assert_same_pixels([want[i] for i in keep], [got[i] for i in keep], [names[i] for i in keep])
@@ -256,11 +256,11 @@ def test_tag_rgb_equals_tagging_the_same_pixels_from_a_file(runtime_bundle, tmp_
 
 @pytest.fixture(scope="module")
 def folder(odd, broken, tmp_path_factory) -> Path:
-    """Odd + broken images (no GIF: documented gap), odd names, and things find_images skips."""
+    """Odd + broken images (no BMP: qks-tag does not read it), odd names, and things find_images skips."""
     root = tmp_path_factory.mktemp("folder") / "images"
     shutil.copytree(odd[0], root / "odd", symlinks=True)
     shutil.copytree(broken[0], root / "broken", symlinks=True)
-    (root / "broken" / "a_gif.gif").unlink()
+    (root / "broken" / "a_bmp.bmp").unlink()
     data = (odd[0] / "sub420.jpg").read_bytes()
     (root / "new\nline,\"quoted\".jpg").write_bytes(data)
     with open(os.path.join(os.fsencode(root), b"caf\xe9.JPG"), "wb") as f:  # not UTF-8

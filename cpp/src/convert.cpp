@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "files.hpp"
+#include "gif.hpp"
 #include "image.hpp"
 #include "jpeg.hpp"
 #include "png.hpp"
@@ -20,7 +21,6 @@ constexpr std::uint64_t kMaxImagePixels = 89478485;  // PIL.Image.MAX_IMAGE_PIXE
 // Formats Pillow reads that these decoders do not: named in the error instead of "unidentified".
 const char* other_format(const std::string& d) {
     auto starts = [&](const char* p, std::size_t n) { return d.size() >= n && d.compare(0, n, p, n) == 0; };
-    if (starts("GIF87a", 6) || starts("GIF89a", 6)) return "GIF";
     if (starts("BM", 2)) return "BMP";
     if (starts("RIFF", 4) && d.size() >= 12 && d.compare(8, 4, "WEBP") == 0) return "WebP";
     if (starts("II*\0", 4) || starts("MM\0*", 4) || starts("II+\0", 4) || starts("MM\0+", 4)) return "TIFF";
@@ -126,8 +126,10 @@ RgbImage load_rgb(const std::string& path) {
             img = decode_jpeg(data, check_size);
         } else if (looks_like_png(data)) {
             img = decode_png(data, check_size);
+        } else if (looks_like_gif(data)) {
+            img = decode_gif(data, check_size);
         } else if (const char* fmt = other_format(data)) {
-            image_error(std::string("cannot decode image: a ") + fmt + " file (qks-tag reads JPEG and PNG; qks-infer reads it)");
+            image_error(std::string("cannot decode image: a ") + fmt + " file (qks-tag reads JPEG, PNG and GIF; qks-infer reads it)");
         } else {
             throw Unidentified{};
         }
