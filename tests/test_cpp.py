@@ -381,3 +381,21 @@ def test_interrupt_exits_130_with_whole_records(runtime_bundle, odd, tmp_path):
     assert "interrupted" in err.strip().splitlines()[-1]
     assert 1 <= len(lines) < 300
     assert all(json.loads(line)["image"].endswith(".jpg") for line in lines)  # whole records only
+
+
+def test_int8_graph_is_auto_on_the_cpu_and_matches_qks_infer(runtime_bundle, odd, tmp_path):
+    from qks.export.int8 import add_int8_graph
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(runtime_bundle, bundle, ignore=shutil.ignore_patterns("cache"))
+    root = tmp_path / "few"
+    root.mkdir()
+    for n in odd[1][:10]:
+        shutil.copy(odd[0] / n, root / n)
+    add_int8_graph(bundle, root)
+    common = [root, "--bundle", bundle, "--threads", "1", "--all-scores", "--batch-size", "4"]
+    py = run_qks_infer([*common, "--no-progress"])
+    cpp = run_tool(BUILD, "qks-tag", common)
+    assert py.returncode == cpp.returncode == 0, cpp.stderr
+    assert "image_encoder.int8.onnx" in cpp.stderr and "image_encoder.int8.onnx" in py.stderr
+    compare_records(cpp.stdout, py.stdout)  # same batches: INT8 graphs quantize activations per batch
