@@ -86,7 +86,7 @@ def test_installed_package_config_builds_a_consumer(runtime_bundle, zoo, tmp_pat
 
 # -- AddressSanitizer / UBSan ------------------------------------------------------------------------
 
-asan = pytest.mark.skipif(not (ASAN_BUILD / "qks-tag").is_file(), reason=f"no sanitizer build in {ASAN_BUILD} (make cpp)")
+asan = pytest.mark.skipif(skip_reason(ASAN_BUILD) is not None, reason=skip_reason(ASAN_BUILD) or "")
 
 
 def assert_clean(res: subprocess.CompletedProcess) -> None:
