@@ -2,7 +2,8 @@
  *
  * Opaque handles, status codes and a message string; nothing is thrown across this boundary.
  * Every call that can fail returns a qks_status; on failure qks_last_error() gives a one-line
- * message for the calling thread (valid until that thread's next qks call).
+ * message for the calling thread (valid until that thread's next qks call). A tagger serves one
+ * tag call at a time (use one tagger per thread); results are independent of their tagger.
  *
  *     qks_tagger* t = NULL;
  *     qks_options o;
@@ -92,7 +93,7 @@ QKS_C_API const float* qks_results_query_features(const qks_results* results, si
 QKS_C_API size_t qks_results_select(const qks_results* results, size_t index, int top_k, double threshold,
                                     size_t* label_indices, size_t capacity);
 /* The JSONL record qks-infer writes for this entry (no newline); NULL on a bad index. Valid
- * until the results are freed. */
+ * until the next qks_results_record call for the same entry or qks_results_free. */
 QKS_C_API const char* qks_results_record(qks_results* results, size_t index, const char* image_name, int top_k,
                                          double threshold, int all_scores);
 QKS_C_API void qks_results_free(qks_results* results); /* NULL is fine */

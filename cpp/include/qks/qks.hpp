@@ -4,7 +4,7 @@
 // `qks.runtime.bundle.Bundle.load` checks it, images are decoded and preprocessed into the same
 // float32 tensor bit for bit (Pillow's conversions and resampling re-implemented), the image graph
 // runs in ONNX Runtime (loaded at run time, any version >= 1.21), and labels come from the
-// bundle's label banks. See cpp/README section of the top-level README for building and linking.
+// bundle's label banks. Building and linking: the "C and C++" section of the README.
 //
 //     qks::Tagger tagger("bundle");                       // checks the bundle, opens the graph
 //     qks::Result r = tagger.tag_file("cat.jpg");
@@ -97,6 +97,7 @@ public:
     std::string ort_version() const; // the ONNX Runtime that was loaded, e.g. "1.32.0"
 
     // Decode + preprocess (thread-safe, no engine): Error(Status::image, reason) if it cannot.
+    // The run/tag_* calls below: one at a time per Tagger (one Tagger per thread).
     Pixels preprocess_file(const std::string& path) const;
     Pixels preprocess_rgb(const std::uint8_t* rgb, int width, int height, std::size_t stride = 0) const;
 
