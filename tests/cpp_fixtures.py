@@ -8,7 +8,10 @@ the C++ tests skip with the reason `make cpp` gave (cpp/.deps/UNAVAILABLE) or sa
 from __future__ import annotations
 
 import io
+import json
 import os
+import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -16,6 +19,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+from runtime_fixtures import rewrite_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 CPP = ROOT / "cpp"
@@ -409,5 +413,105 @@ def npy_load(path: Path) -> np.ndarray:
     return np.load(path, allow_pickle=False)
 
 
-__all__ = ["ASAN_BUILD", "BUILD", "CPP", "ROOT", "cpp_env", "exif_orientation", "make_broken_images", "make_odd_images",
+# -- records and bundles -----------------------------------------------------------------------------
+
+def compare_records(cpp_text: str, py_text: str) -> None:
+    cpp = [json.loads(line) for line in cpp_text.splitlines()]
+    py = [json.loads(line) for line in py_text.splitlines()]
+    assert [r["image"] for r in cpp] == [r["image"] for r in py]
+    for c, p in zip(cpp, py, strict=True):
+        assert list(c) == list(p), (c, p)
+        if "error" in p:
+            assert c == p
+            continue
+        key = "scores" if "scores" in p else "labels"
+        cv, pv = c[key], p[key]
+        if list(cv) != list(pv):  # only a near-tie may swap places
+            assert set(cv) == set(pv) and all(abs(cv[k] - pv[k]) < 1e-6 for k in cv), (c, p)
+        assert all(abs(cv[k] - pv[k]) <= 1e-5 for k in pv), (c, p)
+    for line in cpp_text.splitlines():  # numbers as Python writes them: repr of 7 significant digits
+        for num in re.findall(r": ([0-9][0-9.e+-]*)[,}]", line):
+            assert num == repr(float(num)) and len(num.replace(".", "").lstrip("0").split("e")[0]) <= 7, num
+
+
+def resign(bundle: Path, *rels: str) -> None:
+    """Put the files' current size and sha256 in the manifest (a consistent but wrong bundle)."""
+    from qks.runtime.manifest import file_record
+
+    def edit(m):
+        for rel in rels:
+            m["files"][rel] = file_record(bundle, rel)
+
+    rewrite_manifest(bundle, edit)
+
+
+def write(b: Path, rel: str, data: bytes) -> None:
+    (b / rel).write_bytes(data)
+
+
+def flip_byte(b: Path) -> None:
+    data = bytearray((b / "image_encoder.onnx").read_bytes())
+    data[len(data) // 2] ^= 1
+    write(b, "image_encoder.onnx", bytes(data))
+
+
+def _bank(b: Path, arr, names=None, shape=None) -> None:
+    np.save(b / "labels" / "default.npy", arr, allow_pickle=True)
+    rels = ["labels/default.npy"]
+    if names is not None:
+        (b / "labels" / "default.txt").write_bytes(names)
+        rels.append("labels/default.txt")
+    resign(b, *rels)
+    if shape is not None:
+        rewrite_manifest(b, lambda m: m["label_banks"]["default"].update(shape=shape))
+
+
+def _symlink_outside(b: Path) -> None:
+    outside = b.parent / "outside_prompts.txt"
+    shutil.copy(b / "prompts.txt", outside)
+    (b / "prompts.txt").unlink()
+    (b / "prompts.txt").symlink_to(outside)
+
+
+def _drop_graph_files(b: Path) -> None:
+    def edit(m):
+        del m["files"]["image_encoder.onnx"]
+
+    rewrite_manifest(b, edit)
+
+
+TAMPERING = {
+    "graph_bytes_changed": flip_byte,
+    "bank_truncated": lambda b: write(b, "labels/default.npy", (b / "labels/default.npy").read_bytes()[:-8]),
+    "tokenizer_missing": lambda b: (b / "tokenizer.json").unlink(),
+    "path_traversal": lambda b: rewrite_manifest(b, lambda m: m["files"].update({"../outside.txt": {"sha256": "0", "bytes": 1}})),
+    "absolute_path": lambda b: rewrite_manifest(b, lambda m: m["files"].update({"/etc/hostname": {"sha256": "0"}})),
+    "backslash_path": lambda b: rewrite_manifest(b, lambda m: m["files"].update({"labels\\x.npy": {"sha256": "0"}})),
+    "symlink_outside": _symlink_outside,
+    "schema_2": lambda b: rewrite_manifest(b, lambda m: m.update(schema_version=2)),
+    "schema_missing": lambda b: rewrite_manifest(b, lambda m: m.pop("schema_version")),
+    "foreign_format": lambda b: rewrite_manifest(b, lambda m: m.update(format="something-else")),
+    "no_manifest": lambda b: (b / "manifest.json").unlink(),
+    "no_files": lambda b: rewrite_manifest(b, lambda m: m.update(files={})),
+    "no_sha256": lambda b: rewrite_manifest(b, lambda m: m["files"]["prompts.txt"].pop("sha256")),
+    "graph_not_listed": _drop_graph_files,
+    "no_image_graph": lambda b: rewrite_manifest(b, lambda m: [m["graphs"].pop(g) for g in ("image_encoder", "image_encoder_fp16")]),
+    "graph_without_file": lambda b: rewrite_manifest(b, lambda m: m["graphs"]["label_encoder"].pop("file")),
+    "channels_bgr": lambda b: rewrite_manifest(b, lambda m: m["preprocess"].update(channels="BGR")),
+    "preprocess_no_size": lambda b: rewrite_manifest(b, lambda m: m["preprocess"].pop("size")),
+    "resize_mode_unknown": lambda b: rewrite_manifest(b, lambda m: m["preprocess"].update(resize_mode="pad")),
+    "no_model_section": lambda b: rewrite_manifest(b, lambda m: m.pop("model")),
+    "bank_float64": lambda b: _bank(b, np.zeros((5, 32), np.float64)),
+    "bank_1d": lambda b: _bank(b, np.zeros(5, np.float32)),
+    "bank_pickle": lambda b: _bank(b, np.array([{"a": 1}] * 5, dtype=object)),
+    "bank_more_names": lambda b: _bank(b, np.zeros((5, 32), np.float32), names=b"a\nb\nc\nd\ne\nf\n"),
+    "bank_names_not_utf8": lambda b: _bank(b, np.zeros((5, 32), np.float32), names=b"a\nb\nc\xff\nd\ne\n"),
+    "bank_shape_in_manifest": lambda b: _bank(b, np.zeros((5, 32), np.float32), shape=[5, 31]),
+    "bank_dim_vs_model": lambda b: rewrite_manifest(b, lambda m: m["model"].update(embed_dim=16)),
+    "bank_without_names_file": lambda b: rewrite_manifest(b, lambda m: m["label_banks"]["default"].pop("names_file")),
+    "default_bank_unknown": lambda b: rewrite_manifest(b, lambda m: m.update(default_bank="nope")),
+}
+
+
+__all__ = ["ASAN_BUILD", "BUILD", "CPP", "ROOT", "TAMPERING", "compare_records", "cpp_env", "flip_byte", "resign", "write", "exif_orientation", "make_broken_images", "make_odd_images",
            "npy_load", "ort_library", "raw_gif", "raw_png", "run_qks_infer", "run_tool", "skip_reason"]

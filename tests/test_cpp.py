@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 from cpp_fixtures import (
     BUILD,
+    compare_records,
     make_broken_images,
     make_odd_images,
     ort_library,
@@ -273,25 +274,6 @@ def folder(odd, broken, tmp_path_factory) -> Path:
     os.symlink(root / "odd", root / "odd_again")  # a folder reached twice: walked once
     (root / "notes.txt").write_text("not an image\n")
     return root
-
-
-def compare_records(cpp_text: str, py_text: str) -> None:
-    cpp = [json.loads(line) for line in cpp_text.splitlines()]
-    py = [json.loads(line) for line in py_text.splitlines()]
-    assert [r["image"] for r in cpp] == [r["image"] for r in py]
-    for c, p in zip(cpp, py, strict=True):
-        assert list(c) == list(p), (c, p)
-        if "error" in p:
-            assert c == p
-            continue
-        key = "scores" if "scores" in p else "labels"
-        cv, pv = c[key], p[key]
-        if list(cv) != list(pv):  # only a near-tie may swap places
-            assert set(cv) == set(pv) and all(abs(cv[k] - pv[k]) < 1e-6 for k in cv), (c, p)
-        assert all(abs(cv[k] - pv[k]) <= 1e-5 for k in pv), (c, p)
-    for line in cpp_text.splitlines():  # numbers as Python writes them: repr of 7 significant digits
-        for num in re.findall(r": ([0-9][0-9.e+-]*)[,}]", line):
-            assert num == repr(float(num)) and len(num.replace(".", "").lstrip("0").split("e")[0]) <= 7, num
 
 
 @pytest.mark.parametrize("options", [["--all-scores"], [], ["--top-k", "2"], ["--threshold", "0.97"],

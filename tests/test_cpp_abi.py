@@ -15,6 +15,7 @@ from cpp_fixtures import (
     ASAN_BUILD,
     BUILD,
     CPP,
+    TAMPERING,
     cpp_env,
     make_broken_images,
     make_odd_images,
@@ -117,8 +118,6 @@ def test_sanitizer_build_preprocesses_every_file(runtime_bundle, zoo, tmp_path):
 
 @asan
 def test_sanitizer_build_refuses_tampered_bundles_and_runs_the_c_program(bundle_copy, zoo):
-    from test_cpp_bundle import TAMPERING
-
     img = sorted((zoo / "odd").glob("*.jpg"))[0]
     res = run_tool(ASAN_BUILD, "tag_image_c", [bundle_copy, img, zoo / "broken" / "jpeg_corrupt.jpg", zoo / "broken" / "empty.jpg"])
     assert_clean(res)

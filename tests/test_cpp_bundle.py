@@ -5,15 +5,24 @@ time (no link to it, found through the Python package or a flag, a clear line wh
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from cpp_fixtures import BUILD, cpp_env, run_qks_infer, run_tool, skip_reason
-from runtime_fixtures import manifest_json, rewrite_manifest
+from cpp_fixtures import (
+    BUILD,
+    TAMPERING,
+    compare_records,
+    cpp_env,
+    flip_byte,
+    run_qks_infer,
+    run_tool,
+    skip_reason,
+    write,
+)
+from runtime_fixtures import manifest_json
 
 pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")
 
@@ -28,17 +37,6 @@ def images(tmp_path_factory) -> Path:
     for i in range(3):
         Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(root / f"{i}.png")
     return root
-
-
-def resign(bundle: Path, *rels: str) -> None:
-    """Put the files' current size and sha256 in the manifest (a consistent but wrong bundle)."""
-    from qks.runtime.manifest import file_record
-
-    def edit(m):
-        for rel in rels:
-            m["files"][rel] = file_record(bundle, rel)
-
-    rewrite_manifest(bundle, edit)
 
 
 def python_error(bundle: Path) -> str:
@@ -58,74 +56,6 @@ def tag_error(bundle: Path, images: Path, *args) -> str:
     lines = res.stderr.strip().splitlines()  # one line, no trace (after any warnings)
     assert lines[-1].startswith("qks-tag: error: ") and all(ln.startswith("qks-tag: warning: ") for ln in lines[:-1]), res.stderr
     return lines[-1].removeprefix("qks-tag: error: ")
-
-
-def _write(b: Path, rel: str, data: bytes) -> None:
-    (b / rel).write_bytes(data)
-
-
-def _flip_byte(b: Path) -> None:
-    data = bytearray((b / "image_encoder.onnx").read_bytes())
-    data[len(data) // 2] ^= 1
-    _write(b, "image_encoder.onnx", bytes(data))
-
-
-def _bank(b: Path, arr, names=None, shape=None) -> None:
-    np.save(b / "labels" / "default.npy", arr, allow_pickle=True)
-    rels = ["labels/default.npy"]
-    if names is not None:
-        (b / "labels" / "default.txt").write_bytes(names)
-        rels.append("labels/default.txt")
-    resign(b, *rels)
-    if shape is not None:
-        rewrite_manifest(b, lambda m: m["label_banks"]["default"].update(shape=shape))
-
-
-def _symlink_outside(b: Path) -> None:
-    outside = b.parent / "outside_prompts.txt"
-    shutil.copy(b / "prompts.txt", outside)
-    (b / "prompts.txt").unlink()
-    (b / "prompts.txt").symlink_to(outside)
-
-
-def _drop_graph_files(b: Path) -> None:
-    def edit(m):
-        del m["files"]["image_encoder.onnx"]
-
-    rewrite_manifest(b, edit)
-
-
-TAMPERING = {
-    "graph_bytes_changed": _flip_byte,
-    "bank_truncated": lambda b: _write(b, "labels/default.npy", (b / "labels/default.npy").read_bytes()[:-8]),
-    "tokenizer_missing": lambda b: (b / "tokenizer.json").unlink(),
-    "path_traversal": lambda b: rewrite_manifest(b, lambda m: m["files"].update({"../outside.txt": {"sha256": "0", "bytes": 1}})),
-    "absolute_path": lambda b: rewrite_manifest(b, lambda m: m["files"].update({"/etc/hostname": {"sha256": "0"}})),
-    "backslash_path": lambda b: rewrite_manifest(b, lambda m: m["files"].update({"labels\\x.npy": {"sha256": "0"}})),
-    "symlink_outside": _symlink_outside,
-    "schema_2": lambda b: rewrite_manifest(b, lambda m: m.update(schema_version=2)),
-    "schema_missing": lambda b: rewrite_manifest(b, lambda m: m.pop("schema_version")),
-    "foreign_format": lambda b: rewrite_manifest(b, lambda m: m.update(format="something-else")),
-    "no_manifest": lambda b: (b / "manifest.json").unlink(),
-    "no_files": lambda b: rewrite_manifest(b, lambda m: m.update(files={})),
-    "no_sha256": lambda b: rewrite_manifest(b, lambda m: m["files"]["prompts.txt"].pop("sha256")),
-    "graph_not_listed": _drop_graph_files,
-    "no_image_graph": lambda b: rewrite_manifest(b, lambda m: [m["graphs"].pop(g) for g in ("image_encoder", "image_encoder_fp16")]),
-    "graph_without_file": lambda b: rewrite_manifest(b, lambda m: m["graphs"]["label_encoder"].pop("file")),
-    "channels_bgr": lambda b: rewrite_manifest(b, lambda m: m["preprocess"].update(channels="BGR")),
-    "preprocess_no_size": lambda b: rewrite_manifest(b, lambda m: m["preprocess"].pop("size")),
-    "resize_mode_unknown": lambda b: rewrite_manifest(b, lambda m: m["preprocess"].update(resize_mode="pad")),
-    "no_model_section": lambda b: rewrite_manifest(b, lambda m: m.pop("model")),
-    "bank_float64": lambda b: _bank(b, np.zeros((5, 32), np.float64)),
-    "bank_1d": lambda b: _bank(b, np.zeros(5, np.float32)),
-    "bank_pickle": lambda b: _bank(b, np.array([{"a": 1}] * 5, dtype=object)),
-    "bank_more_names": lambda b: _bank(b, np.zeros((5, 32), np.float32), names=b"a\nb\nc\nd\ne\nf\n"),
-    "bank_names_not_utf8": lambda b: _bank(b, np.zeros((5, 32), np.float32), names=b"a\nb\nc\xff\nd\ne\n"),
-    "bank_shape_in_manifest": lambda b: _bank(b, np.zeros((5, 32), np.float32), shape=[5, 31]),
-    "bank_dim_vs_model": lambda b: rewrite_manifest(b, lambda m: m["model"].update(embed_dim=16)),
-    "bank_without_names_file": lambda b: rewrite_manifest(b, lambda m: m["label_banks"]["default"].pop("names_file")),
-    "default_bank_unknown": lambda b: rewrite_manifest(b, lambda m: m.update(default_bank="nope")),
-}
 
 
 @pytest.mark.parametrize("case", sorted(TAMPERING))
@@ -164,11 +94,11 @@ def test_exit_code_2_like_qks_infer(bundle_copy, images, case):
 
 
 def test_no_verify_skips_the_sha256_but_not_the_sizes(bundle_copy, images):
-    _flip_byte(bundle_copy)  # the graph still loads: one bit of a weight changed
+    flip_byte(bundle_copy)  # the graph still loads: one bit of a weight changed
     res = run_tool(BUILD, "qks-tag", [images, "--bundle", bundle_copy, "--no-verify", "--threads", "1"])
     assert res.returncode == 0, res.stderr
     assert len(res.stdout.splitlines()) == 3
-    _write(bundle_copy, "prompts.txt", b"short")
+    write(bundle_copy, "prompts.txt", b"short")
     assert "bytes, manifest says" in tag_error(bundle_copy, images, "--no-verify")
 
 
@@ -182,8 +112,6 @@ def test_bank_option_and_unknown_bank(runtime_bundle, images):
 
 def test_labels_need_a_bank_made_by_qks_labels_then_match_qks_infer(bundle_copy, images, tmp_path):
     from cpp_fixtures import ROOT
-    from test_cpp import compare_records
-
     labels = tmp_path / "animals.txt"
     labels.write_text("\ufeffzebra\n  giraffe \n\ncat\nzebra\r\n", encoding="utf-8")  # BOM, spaces, blank, repeat
     err = tag_error(bundle_copy, images, "--labels", labels)
@@ -205,8 +133,6 @@ def test_labels_need_a_bank_made_by_qks_labels_then_match_qks_infer(bundle_copy,
 
 
 def test_labels_cached_by_qks_infer_are_found(bundle_copy, images, tmp_path):
-    from test_cpp import compare_records
-
     labels = tmp_path / "vehicles.txt"
     labels.write_text("bus\ntruck\nbicycle\n")
     py = run_qks_infer([images, "--bundle", bundle_copy, "--threads", "1", "--labels", labels, "--no-progress", "--top-k", "2"])
