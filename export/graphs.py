@@ -1,7 +1,8 @@
 """The two deployed graphs as torch modules, and their export to ONNX.
 
 - image encoder: `pixels` float32 [batch, 3, H, W] -> `query_features` float32 [batch, Nq, D]
-  (the backbone's image tokens, CLS dropped when the config says so, then the head);
+  (`QKSModel.query_features`: the backbone's image tokens, then the head; Nq = queries x zero-shot
+  features with the zero-shot term);
 - label encoder: `token_ids` int64 [batch, T] -> `text_features` float32 [batch, D]
   (the backbone's unnormalised `encode_text`).
 
@@ -31,19 +32,15 @@ ONNX_PROTO_LIMIT = 2 * 1024**3  # protobuf's hard limit on one serialised messag
 
 
 class ImageEncoder(nn.Module):
-    """pixels -> query features: the backbone's tokens (CLS dropped if configured) and the head."""
+    """pixels -> query features: `QKSModel.query_features` (the backbone's tokens, the head, and with
+    the zero-shot term every pair of a head query and a weighted zero-shot feature)."""
 
     def __init__(self, model):
         super().__init__()
-        self.backbone = model.backbone
-        self.head = model.head
-        self.drop_cls = bool(model.config.drop_cls)
+        self.model = model
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        tokens = self.backbone.image_tokens(pixels)
-        if self.drop_cls:
-            tokens = tokens[:, 1:]
-        return self.head(tokens)
+        return self.model.query_features(pixels)
 
 
 class LabelEncoder(nn.Module):

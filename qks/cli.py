@@ -41,9 +41,12 @@ _TRAIN_HELP = """Train the QKS head on the seen labels of a JSONL manifest (--da
 
 The paper's recipe by default: AdamW (lr 1e-5, weight decay 1e-4), batch 64, Cutout + flip +
 RandAugment, ReduceLROnPlateau on the validation score, up to 60 epochs. The validation split is
-carved from --data; its score is mAP + the sum of F1@K on the seen labels. Writes best.pt, last.pt,
-metrics.jsonl and run.json to --out; --resume RUNDIR continues a stopped run exactly (losing at most
-the epoch that was running)."""
+carved from --data, and 10 % of the seen labels are held out of training (--val-concepts) and scored
+on it like unseen labels; the score is mAP + the sum of F1@K on the trained labels plus the same on the
+held-out ones. By default the backbone's own zero-shot scores are added to the head's (--zero-shot),
+with a weight fitted on that score after every epoch. Writes best.pt, last.pt, metrics.jsonl and
+run.json to --out; --resume RUNDIR continues a stopped run exactly (losing at most the epoch that was
+running)."""
 
 
 @click.command(help=_TRAIN_HELP)
@@ -65,6 +68,9 @@ the epoch that was running)."""
 @click.option("--dropout", type=float, default=None, help="Dropout in the head (default 0.1).")
 @click.option("--memory-norm/--no-memory-norm", default=None, help="LayerNorm on the image tokens before "
               "the decoder (default on; it matters for tokens not already LayerNormed, like the lite backbone's).")
+@click.option("--zero-shot/--no-zero-shot", default=None, help="Add the backbone's own zero-shot scores to the "
+              "head's, weighted by validation (default on: it keeps what the backbone knows of labels never "
+              "trained; off: the paper's head alone).")
 @click.option("--drop-cls", is_flag=True, default=None, help="The head reads the patch tokens only, not CLS.")
 @click.option("--epochs", type=int, default=None, help="Epochs to train (default 60). With --resume: the new total.")
 @click.option("--batch-size", type=int, default=None, help="Images per batch (default 64).")
@@ -82,15 +88,21 @@ the epoch that was running)."""
               "(eval transform, no augmentation) into RUNDIR/tokens.npy: practical CPU training.")
 @click.option("--val-fraction", type=float, default=None, help="Share of --data held out for validation "
               "(default 0.05, at most 20,000 images; 0 = none: no schedule, best.pt is the last epoch).")
+@click.option("--val-concepts", type=float, default=None, help="Share of the seen labels held out of training "
+              "and validated like unseen labels (default 0.1; 0 = none: the score is the trained labels' only).")
 @click.option("--prompts", default=None, help="Prompt pool: 'default' (80 CLIP templates + 5 scene ones) or "
               "a text file, one template with {} a line.")
+@click.option("--label-cache", type=click.Path(file_okay=False), default=None, help="Label-embedding cache, "
+              "shareable between runs (default: RUNDIR/label_cache).")
 @click.option("--workers", type=int, default=None, help="Image-loading worker processes (default 4).")
+@click.option("--threads", type=int, default=None, help="PyTorch CPU threads (default: PyTorch's, one per "
+              "core; 1 is fastest for --cached-tokens on a shared machine).")
 @click.option("--skip-bad", is_flag=True, default=None, help="Drop bad manifest lines with a warning "
               "instead of stopping.")
 @click.option("--no-amp", is_flag=True, default=None, help="Full fp32 on CUDA too.")
 @click.option("--resume", type=click.Path(file_okay=False), default=None,
               help="Continue the run in this directory from its last.pt, with its saved options "
-              "(only --epochs, --device and --workers may change).")
+              "(only --epochs, --device, --workers, --threads and --label-cache may change).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train_main(resume, quiet, **given):
     from .train import RESUME_OVERRIDABLE, TrainOptions, train
@@ -153,16 +165,21 @@ class _ListOptionCommand(click.Command):
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Images per batch.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--workers", type=int, default=4, show_default=True, help="Image-loading worker processes.")
+@click.option("--threads", type=click.IntRange(1), default=None, help="PyTorch CPU threads (default: PyTorch's).")
 @click.option("--label-cache", type=click.Path(file_okay=False), help="Label-embedding cache "
               "(default: label_cache/ beside the checkpoint).")
 @click.option("--skip-bad", is_flag=True, help="Drop bad manifest lines with a warning instead of stopping.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def eval_main(ckpt, data, seen, unseen, topk, out_path, predictions, batch_size, device, workers, label_cache,
-              skip_bad, quiet):
+def eval_main(ckpt, data, seen, unseen, topk, out_path, predictions, batch_size, device, workers, threads,
+              label_cache, skip_bad, quiet):
     from .evaluate import evaluate, format_table, write_predictions
 
     if batch_size < 1:
         raise click.UsageError("--batch-size must be >= 1")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     with _user_errors():
         result = evaluate(ckpt, data, seen=seen, unseen=unseen, topk=topk or None, batch_size=batch_size,
                           device=device, workers=workers, skip_bad=skip_bad, label_cache=label_cache,

@@ -19,6 +19,7 @@ class HeadConfig:
     ffn: int = 3072  # hidden size of the feed-forward block
     dropout: float = 0.1  # dropout on the queries' entry and inside every block
     memory_norm: bool = True  # LayerNorm on the image tokens before the decoder (qks/head.py)
+    zero_shot: bool = False  # add the backbone's own zero-shot scores, weighted, to the head's (qks/model.py)
 
 
 # The paper's recipes (Zhu et al., section 4): NUS-WIDE L=7, Nq=12; Open Images L=8, Nq=22.
@@ -46,8 +47,9 @@ class ModelConfig:
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         d = dict(d)
         head = dict(d.pop("head", {}))
-        # Checkpoints from before memory_norm existed were trained without it.
+        # Checkpoints from before memory_norm and zero_shot existed were trained without them.
         head.setdefault("memory_norm", False)
+        head.setdefault("zero_shot", False)
         head = HeadConfig(**head)
         return cls(head=head, **d)
 

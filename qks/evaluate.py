@@ -49,28 +49,44 @@ def autocast(device: torch.device, enabled: bool = True):
 
 
 @torch.no_grad()
-def predict(model, loader, label_embeddings: torch.Tensor, device: torch.device, from_tokens: bool = False,
-            amp: bool = True, progress: bool = False, desc: str = "scoring") -> tuple[np.ndarray, np.ndarray]:
-    """(logits float32 [N, L], targets int8 [N, L]) for every batch `(inputs, targets)` of `loader`;
-    inputs are pixels, or image tokens when `from_tokens`. Probabilities are sigmoid(logits)."""
+def predict_parts(model, loader, label_embeddings: torch.Tensor, device: torch.device, from_tokens: bool = False,
+                  amp: bool = True, progress: bool = False, desc: str = "scoring"):
+    """(head logits float32 [N, L], the backbone's zero-shot logits [N, L] or None, targets int8 [N, L])
+    for every batch `(inputs, targets)` of `loader`; inputs are pixels, or image tokens when `from_tokens`."""
     from tqdm import tqdm
 
     was_training = model.training
     model.eval()
     emb = label_embeddings.to(device)
-    logits_all, targets = [], []
+    heads, zero_shots, targets = [], [], []
     for inputs, t in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress):
         inputs = inputs.to(device, non_blocking=True)
-        with autocast(device, amp):
-            qf = model.query_features_from_tokens(inputs) if from_tokens else model.query_features(inputs)
-        logits = model.logits(qf.float(), emb)  # scoring in fp32: raw dot products, magnitudes matter
-        logits_all.append(logits.float().cpu().numpy())
+        if from_tokens:
+            tokens = inputs
+        else:
+            with autocast(device, amp):
+                tokens = model.image_tokens(inputs)
+        head, zs = model.logit_parts(tokens, emb, lambda: autocast(device, amp))
+        heads.append(head.cpu().numpy())
+        if zs is not None:
+            zero_shots.append(zs.cpu().numpy())
         targets.append(t.numpy())
     model.train(was_training)
     n_labels = emb.shape[0]
-    if not logits_all:
-        return np.zeros((0, n_labels), np.float32), np.zeros((0, n_labels), np.int8)
-    return np.concatenate(logits_all), np.concatenate(targets)
+    if not heads:
+        empty = np.zeros((0, n_labels), np.float32)
+        return empty, (empty if model.zero_shot else None), np.zeros((0, n_labels), np.int8)
+    return np.concatenate(heads), (np.concatenate(zero_shots) if zero_shots else None), np.concatenate(targets)
+
+
+def predict(model, loader, label_embeddings: torch.Tensor, device: torch.device, from_tokens: bool = False,
+            amp: bool = True, progress: bool = False, desc: str = "scoring") -> tuple[np.ndarray, np.ndarray]:
+    """(logits float32 [N, L], targets int8 [N, L]): the model's logits, the head's plus the weighted
+    zero-shot ones when it has the term. Probabilities are sigmoid(logits)."""
+    head, zs, targets = predict_parts(model, loader, label_embeddings, device, from_tokens, amp, progress, desc)
+    if zs is None:
+        return head, targets
+    return head + np.float32(model.head.zero_shot_weight.item()) * zs, targets
 
 
 @dataclass

@@ -12,6 +12,10 @@ hundred steps (benchmarks/RESULTS.md).
 
 `layers=0` is the projection-only ablation: no queries and no decoder; every image token goes through
 the projection, so the "query features" are [B, N, D] and each label takes its best location.
+
+`zero_shot` gives the head a buffer `zero_shot_weight`: how much of the backbone's own zero-shot
+score is added to the head's (qks/model.py). It is not trained: training fits it after every epoch
+on the validation split (qks/validation.py).
 """
 
 from __future__ import annotations
@@ -85,6 +89,8 @@ class QueryHead(nn.Module):
         self.layers = nn.ModuleList(
             DecoderLayer(width, cfg.heads, cfg.ffn, cfg.dropout) for _ in range(cfg.layers)
         )
+        if cfg.zero_shot:
+            self.register_buffer("zero_shot_weight", torch.tensor(0.0))
         self.projection = nn.Parameter(torch.empty(width, embed_dim))
         if projection is not None and tuple(projection.shape) == (width, embed_dim):
             with torch.no_grad():

@@ -37,16 +37,15 @@ from .backbones import create_backbone, module_fingerprint
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import RECIPES, HeadConfig, ModelConfig
 from .data import Manifest, ManifestDataset, read_label_lists, read_manifest
-from .evaluate import DEFAULT_TOPK, autocast, json_safe, predict, resolve_device
+from .evaluate import DEFAULT_TOPK, autocast, json_safe, predict_parts, resolve_device
 from .hashing import sha256_file
 from .losses import LOSSES, get_loss
-from .metrics import f1_at_k, gzsl_selection, mean_average_precision
 from .model import QKSModel
 from .prompts import LabelEmbedder, load_prompts
 from .transforms import eval_transform, train_transform
+from .validation import hold_out_concepts, scale_weight, split_validation, validate
 
 DEFAULT_BACKBONE = "openclip:ViT-B-16:openai"
-VAL_MAX = 20000  # at most this many validation images, whatever the fraction
 PLATEAU_FACTOR = 0.1
 TOKENS_FILE = "tokens.npy"
 
@@ -70,6 +69,7 @@ class TrainOptions:
     ffn: int | None = None
     dropout: float | None = None
     memory_norm: bool | None = None  # None: the recipe's (on)
+    zero_shot: bool = True  # the backbone's own zero-shot scores added to the head's, weight fit on validation
     drop_cls: bool = False
     epochs: int = 60
     batch_size: int = 64
@@ -78,12 +78,15 @@ class TrainOptions:
     loss: str = "asl"
     plateau_patience: int = 2
     val_fraction: float = 0.05
+    val_concepts: float = 0.1  # share of the seen labels held out of training to validate transfer
     topk: tuple[int, ...] | None = None  # None: the recipe's K (3, 5 or 10, 20)
     seed: int = 0
     cached_tokens: bool = False
     prompts: str = "default"
     device: str = "auto"
     workers: int = 4
+    threads: int | None = None  # torch CPU threads; None: torch's default
+    label_cache: str | None = None  # None: RUNDIR/label_cache
     amp: bool = True
     skip_bad: bool = False
 
@@ -95,14 +98,17 @@ class TrainOptions:
     @classmethod
     def from_dict(cls, d: dict) -> TrainOptions:
         d = {k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}}
-        d.setdefault("memory_norm", False)  # runs from before the option existed had no token LayerNorm
+        # Runs from before these options existed had no token LayerNorm, zero-shot term or held-out concepts.
+        d.setdefault("memory_norm", False)
+        d.setdefault("zero_shot", False)
+        d.setdefault("val_concepts", 0.0)
         if d.get("topk") is not None:
             d["topk"] = tuple(d["topk"])
         return cls(**d)
 
 
 # Options a resumed run may change without breaking exactness (where the run executes, not what).
-RESUME_OVERRIDABLE = ("epochs", "device", "workers")
+RESUME_OVERRIDABLE = ("epochs", "device", "workers", "threads", "label_cache")
 
 
 def _check_options(o: TrainOptions) -> None:
@@ -112,6 +118,10 @@ def _check_options(o: TrainOptions) -> None:
         raise TrainError(f"unknown loss {o.loss!r}: one of {', '.join(LOSSES)}")
     if not 0.0 <= o.val_fraction < 1.0:
         raise TrainError(f"--val-fraction must be in [0, 1), got {o.val_fraction}")
+    if not 0.0 <= o.val_concepts < 1.0:
+        raise TrainError(f"--val-concepts must be in [0, 1), got {o.val_concepts}")
+    if o.threads is not None and o.threads < 1:
+        raise TrainError("--threads must be >= 1")
     for name in ("epochs", "batch_size"):
         if getattr(o, name) < 1:
             raise TrainError(f"--{name.replace('_', '-')} must be >= 1")
@@ -122,7 +132,7 @@ def _check_options(o: TrainOptions) -> None:
 
 
 def model_config(o: TrainOptions) -> ModelConfig:
-    head = dataclasses.replace(RECIPES[o.recipe])
+    head = dataclasses.replace(RECIPES[o.recipe], zero_shot=o.zero_shot)
     for name in ("layers", "queries", "width", "heads", "ffn", "dropout", "memory_norm"):
         v = getattr(o, name)
         if v is not None:
@@ -135,16 +145,6 @@ def epoch_seed(seed: int, epoch: int, stream: int) -> int:
     """A seed for one random stream of one epoch, from (seed, epoch) alone: resume-independent."""
     h = hashlib.sha256(f"{seed}/{epoch}/{stream}".encode()).digest()
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
-
-
-def split_validation(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train indices, validation indices), sorted, deterministic in (n, fraction, seed)."""
-    if fraction <= 0 or n < 2:
-        return np.arange(n), np.arange(0)
-    n_val = min(max(1, round(fraction * n)), n - 1, VAL_MAX)
-    perm = np.random.default_rng(seed).permutation(n)
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
-
 
 
 # ---- RNG state as plain values (weights_only checkpoints hold no numpy arrays) -----------------
@@ -204,7 +204,7 @@ def cache_tokens(model: QKSModel, manifest: Manifest, out: Path, device: torch.d
         "backbone": model.config.backbone,
         "weights": module_fingerprint(model.backbone) if isinstance(model.backbone, torch.nn.Module) else "",
         "preprocess": model.backbone.preprocess.to_dict(),
-        "drop_cls": model.config.drop_cls,
+        "tokens": "all, CLS included",
         "amp": amp and device.type == "cuda",
     }, sort_keys=True).encode()).hexdigest()
     if path.is_file() and meta_path.is_file():
@@ -240,50 +240,61 @@ def _loader(dataset, batch_size: int, order: list[int] | None, workers: int, see
                                        persistent_workers=False)
 
 
-def validation_metrics(scores: np.ndarray, targets: np.ndarray, topk: tuple[int, ...]) -> dict:
-    images, _ = gzsl_selection(targets)  # held-out images with at least one seen positive
-    if len(images) == 0:
-        return {"images": 0, "map": 0.0, "map_labels_with_positives": float("nan"),
-                **{f"f1@{k}": 0.0 for k in topk}, "score": 0.0}
-    p, t = scores[images], targets[images]
-    m = mean_average_precision(p, t)
-    out = {"images": int(len(images)), "map": m.map, "map_labels_with_positives": m.map_labels_with_positives}
-    for k in topk:
-        out[f"f1@{k}"] = f1_at_k(p, t, k).f1
-    out["score"] = m.map + sum(out[f"f1@{k}"] for k in topk)
-    return out
+@dataclass
+class _Run:
+    """Where a run stands: its options and folder, and what a resumed run carries over."""
+
+    o: TrainOptions
+    out: Path
+    start_epoch: int = 0
+    best_score: float = float("-inf")
+    state: dict | None = None  # last.pt's train_state when resuming
+    head: dict | None = None  # last.pt's head when resuming
 
 
-def train(options: TrainOptions | None = None, resume: str | Path | None = None,
-          overrides: dict | None = None, progress: bool = True, log=print) -> dict:
-    """Run (or resume) a training run. Returns the final summary (also the last metrics record)."""
-    from tqdm import tqdm
-
-    start_epoch, best_score, train_state = 0, float("-inf"), None
+def _open_run(options: TrainOptions | None, resume, overrides: dict | None) -> _Run:
     if resume is not None:
         out = Path(resume)
         try:
             last = load_checkpoint(out / "last.pt")
         except CheckpointError as e:
             raise TrainError(f"cannot resume {out}: {e}") from None
-        train_state = last.get("train_state")
-        if not train_state:
+        state = last.get("train_state")
+        if not state:
             raise TrainError(f"cannot resume {out}: last.pt has no training state")
-        o = TrainOptions.from_dict(train_state["options"])
+        o = TrainOptions.from_dict(state["options"])
         o = dataclasses.replace(o, **{k: v for k, v in (overrides or {}).items() if k in RESUME_OVERRIDABLE})
-        start_epoch, best_score = int(train_state["epoch"]), float(train_state["best_score"])
-    else:
-        assert options is not None
-        # Absolute paths, so that --resume works from any working directory.
-        o = dataclasses.replace(options, **{
-            k: os.path.abspath(getattr(options, k)) for k in ("data", "seen", "unseen", "out", "prompts")
-            if getattr(options, k) and not (k == "prompts" and options.prompts == "default")})
-        out = Path(o.out)
-        if (out / "last.pt").exists():
-            raise TrainError(f"{out} already holds a run (last.pt): pass --resume {out} or another --out")
-    _check_options(o)
+        return _Run(o, out, int(state["epoch"]), float(state["best_score"]), state, last["head"])
+    assert options is not None
+    # Absolute paths, so that --resume works from any working directory.
+    o = dataclasses.replace(options, **{
+        k: os.path.abspath(getattr(options, k)) for k in ("data", "seen", "unseen", "out", "prompts", "label_cache")
+        if getattr(options, k) and not (k == "prompts" and options.prompts == "default")})
+    out = Path(o.out)
+    if (out / "last.pt").exists():
+        raise TrainError(f"{out} already holds a run (last.pt): pass --resume {out} or another --out")
+    return _Run(o, out)
 
-    # Inputs are validated before anything expensive happens.
+
+@dataclass
+class _Data:
+    """The run's labels and images: what is trained, what validates."""
+
+    templates: list[str]
+    seen: list[str]
+    unseen: list[str]
+    trained: list[str]  # seen labels in the loss
+    held_out: list[str]  # seen labels held out of training to validate transfer (--val-concepts)
+    manifest: Manifest
+    manifest_sha: str
+    train_rows: np.ndarray
+    val_rows: np.ndarray
+    topk: tuple[int, ...]
+
+
+def _read_data(run: _Run, progress: bool, log) -> _Data:
+    """Inputs are validated before anything expensive happens."""
+    o = run.o
     try:
         templates = load_prompts(o.prompts)
     except (OSError, ValueError) as e:
@@ -293,115 +304,176 @@ def train(options: TrainOptions | None = None, resume: str | Path | None = None,
     if manifest.skipped:
         log(f"warning: skipped {len(manifest.skipped)} bad line(s) of {o.data}")
     manifest_sha = sha256_file(o.data)
-    if train_state is not None and train_state.get("manifest_sha256") != manifest_sha:
-        raise TrainError(f"cannot resume {out}: {o.data} changed since the run started")
+    if run.state is not None and run.state.get("manifest_sha256") != manifest_sha:
+        raise TrainError(f"cannot resume {run.out}: {o.data} changed since the run started")
+    trained, held_out = hold_out_concepts(seen, o.val_concepts, o.seed)
     train_rows, val_rows = split_validation(len(manifest.samples), o.val_fraction, o.seed)
     topk = o.topk or DEFAULT_TOPK.get(o.recipe, (3, 5))
+    return _Data(templates, seen, unseen, trained, held_out, manifest, manifest_sha, train_rows, val_rows, topk)
 
-    device = resolve_device(o.device)
-    cfg = model_config(o)
+
+def _build_model(o: TrainOptions, device: torch.device) -> QKSModel:
     try:
         backbone = create_backbone(o.backbone)
     except Exception as e:  # unknown arch, missing file, weights that cannot be fetched offline, ...
         raise TrainError(f"cannot build backbone {o.backbone!r}: {_first_line(e)}") from None
     torch.manual_seed(o.seed)  # the head's initialisation
     try:
-        model = QKSModel(cfg, backbone).to(device)
+        return QKSModel(model_config(o), backbone).to(device)
     except ValueError as e:
         raise TrainError(f"bad head configuration: {e}") from None
-    out.mkdir(parents=True, exist_ok=True)  # only now: bad input leaves no half-made run directory
-    emb = LabelEmbedder(model.backbone, templates, cache_dir=out / "label_cache")(seen).to(device)
-    loss_fn = get_loss(o.loss)
 
+
+def _datasets(model: QKSModel, d: _Data, o: TrainOptions, out: Path, device: torch.device, progress: bool):
+    """(training set over the trained labels, validation set over trained + held-out labels, workers)."""
+    val_labels = d.trained + d.held_out
     if o.cached_tokens:
-        tokens = cache_tokens(model, manifest, out, device, o.batch_size, o.workers, o.amp, progress)
-        train_ds = TokenDataset(tokens, train_rows, manifest, seen)
-        val_ds = TokenDataset(tokens, val_rows, manifest, seen)
-        workers = 0  # memory-mapped reads: workers buy nothing
+        tokens = cache_tokens(model, d.manifest, out, device, o.batch_size, o.workers, o.amp, progress)
+        return (TokenDataset(tokens, d.train_rows, d.manifest, d.trained),
+                TokenDataset(tokens, d.val_rows, d.manifest, val_labels), 0)  # memory-mapped: no workers
+    pp = model.backbone.preprocess
+    return (ManifestDataset([d.manifest.samples[i] for i in d.train_rows], d.trained, train_transform(pp)),
+            ManifestDataset([d.manifest.samples[i] for i in d.val_rows], val_labels, eval_transform(pp)), o.workers)
+
+
+def _train_epoch(model, loader, emb, loss_fn, optimizer, o: TrainOptions, device, epoch: int, progress: bool) -> float:
+    """One epoch of the head alone on the trained labels; the mean loss."""
+    from tqdm import tqdm
+
+    model.train()
+    total, batches = 0.0, 0
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{o.epochs}", unit="batch", disable=not progress)
+    for inputs, targets in bar:
+        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        if o.cached_tokens:
+            tokens = inputs
+        else:
+            with autocast(device, o.amp):
+                tokens = model.image_tokens(inputs)
+        head, _ = model.logit_parts(tokens, emb, lambda: autocast(device, o.amp), zero_shot=False)
+        loss = loss_fn(head, targets)
+        if not torch.isfinite(loss):
+            raise TrainError(f"epoch {epoch + 1}: the loss is {loss.item()} (lower --lr?)")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item()
+        batches += 1
+        bar.set_postfix(loss=f"{total / batches:.4f}")
+    bar.close()
+    return total / max(batches, 1)
+
+
+def _validate(model, val_ds, train_ds, emb, d: _Data, o: TrainOptions, device, workers, progress) -> dict | None:
+    """Score the validation split, fit the zero-shot weight, and set it on the head; the record, or
+    None without a validation split (then the weight is the scale-matching one, on training images)."""
+    if len(val_ds):
+        loader = _loader(val_ds, o.batch_size, None, workers, 0, device)
+        head, zs, targets = predict_parts(model, loader, emb, device, from_tokens=o.cached_tokens, amp=o.amp,
+                                          progress=progress, desc="validating")
+        val = validate(head, zs, targets, len(d.trained), d.topk)
+        weight = val.get("zero_shot_weight")
     else:
-        pp = model.backbone.preprocess
-        train_ds = ManifestDataset([manifest.samples[i] for i in train_rows], seen, train_transform(pp))
-        val_ds = ManifestDataset([manifest.samples[i] for i in val_rows], seen, eval_transform(pp))
-        workers = o.workers
+        val, weight = None, None
+        if model.zero_shot:
+            sample = torch.utils.data.Subset(train_ds, range(min(len(train_ds), 512)))
+            head, zs, _ = predict_parts(model, _loader(sample, o.batch_size, None, workers, 0, device),
+                                        emb[:len(d.trained)], device, from_tokens=o.cached_tokens, amp=o.amp)
+            weight = scale_weight(head, zs)
+    if weight is not None:
+        model.head.zero_shot_weight.fill_(weight)
+    return val
+
+
+def train(options: TrainOptions | None = None, resume: str | Path | None = None,
+          overrides: dict | None = None, progress: bool = True, log=print) -> dict:
+    """Run (or resume) a training run. Returns the final summary (also the last metrics record)."""
+    run = _open_run(options, resume, overrides)
+    o, out = run.o, run.out
+    _check_options(o)
+    d = _read_data(run, progress, log)
+    device = resolve_device(o.device)
+    if o.threads:
+        torch.set_num_threads(o.threads)
+    model = _build_model(o, device)
+    out.mkdir(parents=True, exist_ok=True)  # only now: bad input leaves no half-made run directory
+    embedder = LabelEmbedder(model.backbone, d.templates, cache_dir=o.label_cache or out / "label_cache")
+    emb = embedder(d.trained + d.held_out).to(device)  # rows [:len(trained)] are the trained labels
+    train_ds, val_ds, workers = _datasets(model, d, o, out, device, progress)
+    loss_fn = get_loss(o.loss)
 
     optimizer = torch.optim.AdamW(model.head.parameters(), lr=o.lr, weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=PLATEAU_FACTOR,
                                                            patience=o.plateau_patience)
     metrics_path = out / "metrics.jsonl"
-    if train_state is not None:
-        model.head.load_state_dict(last["head"])
-        optimizer.load_state_dict(train_state["optimizer"])
-        scheduler.load_state_dict(train_state["scheduler"])
-        set_rng_state(train_state["rng"])
+    if run.state is not None:
+        model.head.load_state_dict(run.head)
+        optimizer.load_state_dict(run.state["optimizer"])
+        scheduler.load_state_dict(run.state["scheduler"])
+        set_rng_state(run.state["rng"])
         # Records of an epoch that was running when the run stopped are dropped; it runs again. So is
         # a half-written line (a kill while the record was being appended).
         if metrics_path.is_file():
-            kept = [ln for ln in metrics_path.read_text().splitlines() if _epoch_of(ln, start_epoch)]
+            kept = [ln for ln in metrics_path.read_text().splitlines() if _epoch_of(ln, run.start_epoch)]
             metrics_path.write_text("".join(ln + "\n" for ln in kept))
-        log(f"resuming {out} after epoch {start_epoch} (best validation score {best_score:.4f})")
+        log(f"resuming {out} after epoch {run.start_epoch} (best validation score {run.best_score:.4f})")
     else:
         metrics_path.write_text("")
-    (out / "run.json").write_text(json.dumps({
-        "options": o.to_dict(), "model": cfg.to_dict(), "seen": len(seen), "unseen": len(unseen),
-        "train_images": len(train_rows), "val_images": len(val_rows), "skipped_lines": len(manifest.skipped),
-        "device": str(device), "validation_score": f"mAP + sum of F1@{list(topk)} on seen labels",
-    }, indent=2))
+    _write_run_json(out, o, model.config, d, device)
 
-    summary: dict = {"epoch": start_epoch, "best_score": best_score}
-    for epoch in range(start_epoch, o.epochs):
+    best_score = run.best_score
+    summary: dict = {"epoch": run.start_epoch, "best_score": best_score}
+    for epoch in range(run.start_epoch, o.epochs):
         t0 = time.time()
-        model.train()
         torch.manual_seed(epoch_seed(o.seed, epoch, 0))  # dropout and in-process augmentation
         order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(
             epoch_seed(o.seed, epoch, 1))).tolist()
         loader = _loader(train_ds, o.batch_size, order, workers, epoch_seed(o.seed, epoch, 2), device)
-        total, batches = 0.0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{o.epochs}", unit="batch", disable=not progress)
-        for inputs, targets in bar:
-            inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            with autocast(device, o.amp):
-                qf = model.query_features_from_tokens(inputs) if o.cached_tokens else model.query_features(inputs)
-            logits = model.logits(qf.float(), emb)  # fp32 scoring and loss
-            loss = loss_fn(logits.float(), targets)
-            if not torch.isfinite(loss):
-                raise TrainError(f"epoch {epoch + 1}: the loss is {loss.item()} (lower --lr?)")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item()
-            batches += 1
-            bar.set_postfix(loss=f"{total / batches:.4f}")
-        bar.close()
-
-        record = {"epoch": epoch + 1, "train_loss": total / max(batches, 1),
-                  "lr": optimizer.param_groups[0]["lr"]}
-        if len(val_ds):
-            val_loader = _loader(val_ds, o.batch_size, None, workers, 0, device)
-            logits, targets = predict(model, val_loader, emb, device, from_tokens=o.cached_tokens, amp=o.amp,
-                                     progress=progress, desc="validating")
-            val = validation_metrics(logits, targets, topk)
-            score = val["score"]
+        train_loss = _train_epoch(model, loader, emb[:len(d.trained)], loss_fn, optimizer, o, device, epoch, progress)
+        val = _validate(model, val_ds, train_ds, emb, d, o, device, workers, progress)
+        score = val["score"] if val else float(epoch)  # no validation split: best.pt is the latest epoch
+        if val:
             scheduler.step(score)
-        else:  # no validation split: no schedule, best.pt is the latest epoch
-            val, score = None, float(epoch)
         improved = score > best_score
-        if improved:
-            best_score = score
-        record.update(val=val, val_score=score if val else None, best=improved, seconds=round(time.time() - t0, 2))
-        light = {"epoch": epoch + 1, "val_score": score if val else None, "options": o.to_dict()}
-        if improved:
-            save_checkpoint(out / "best.pt", model, seen, unseen, templates, train_state=light)
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(json_safe(record)) + "\n")
-        save_checkpoint(out / "last.pt", model, seen, unseen, templates, train_state={
-            **light, "best_score": best_score, "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": rng_state(), "manifest_sha256": manifest_sha,
-        })
-        val_text = f", val mAP {val['map']:.4f}, val score {score:.4f}" if val else ""
-        log(f"epoch {epoch + 1}/{o.epochs}: loss {record['train_loss']:.4f}{val_text}"
+        best_score = max(best_score, score)
+        record = {"epoch": epoch + 1, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"], "val": val,
+                  "val_score": score if val else None, "best": improved, "seconds": round(time.time() - t0, 2)}
+        if model.zero_shot:
+            record["zero_shot_weight"] = float(model.head.zero_shot_weight)
+        _save_epoch(out, model, d, o, record, best_score, optimizer, scheduler, improved)
+        val_text = (f", val score {score:.4f} (trained mAP {val['trained']['map']:.4f}"
+                    + (f", held-out mAP {val['held_out']['map']:.4f}" if "held_out" in val else "") + ")") if val else ""
+        weight_text = f", zero-shot weight {record['zero_shot_weight']:.3g}" if model.zero_shot else ""
+        log(f"epoch {epoch + 1}/{o.epochs}: loss {train_loss:.4f}{val_text}{weight_text}"
             f"{' (best)' if improved else ''} [{record['seconds']:.1f}s]")
         summary = {**record, "best_score": best_score}
     return summary
+
+
+def _write_run_json(out: Path, o: TrainOptions, cfg, d: _Data, device) -> None:
+    (out / "run.json").write_text(json.dumps({
+        "options": o.to_dict(), "model": cfg.to_dict(), "seen": len(d.seen), "unseen": len(d.unseen),
+        "trained": len(d.trained), "held_out_concepts": d.held_out,
+        "train_images": len(d.train_rows), "val_images": len(d.val_rows), "skipped_lines": len(d.manifest.skipped),
+        "device": str(device),
+        "validation_score": f"mAP + sum of F1@{list(d.topk)} on the trained labels"
+                            + (" + the same on the held-out concepts" if d.held_out else ""),
+    }, indent=2))
+
+
+def _save_epoch(out: Path, model, d: _Data, o: TrainOptions, record: dict, best_score: float, optimizer,
+                scheduler, improved: bool) -> None:
+    """best.pt when the score improved, the metrics line, then last.pt (with what --resume needs)."""
+    light = {"epoch": record["epoch"], "val_score": record["val_score"], "options": o.to_dict(),
+             "held_out": d.held_out}
+    if improved:
+        save_checkpoint(out / "best.pt", model, d.seen, d.unseen, d.templates, train_state=light)
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(json_safe(record)) + "\n")
+    save_checkpoint(out / "last.pt", model, d.seen, d.unseen, d.templates, train_state={
+        **light, "best_score": best_score, "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(), "rng": rng_state(), "manifest_sha256": d.manifest_sha,
+    })
 
 
 def _epoch_of(line: str, done: int) -> bool:

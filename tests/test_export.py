@@ -160,21 +160,35 @@ def test_image_graph_matches_pytorch_fp32(bundle, model):
     assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
 
 
-def test_image_graph_respects_drop_cls(tiny_backbone):
-    """The exported module reads the tokens the model's head reads (CLS dropped when configured)."""
+def test_zero_shot_head_exports_pairs_that_score_like_pytorch(tiny_backbone, tmp_path):
+    """A head with the zero-shot term (CLS dropped for the head, kept for CLIP's embedding) exports
+    [batch, Nq x 1, D] pair features; a max over them gives PyTorch's logits (head + w * zero-shot)."""
     from conftest import tiny_model_config
-    from qks.export.graphs import ImageEncoder
+    from qks.export.bundle import export_bundle
+    from qks.export.verify import scores
+    from qks.runtime.manifest import read_manifest
 
+    from qks.checkpoint import save_checkpoint
     from qks.model import QKSModel
 
-    for drop in (False, True):
-        cfg = tiny_model_config()
-        cfg.drop_cls = drop
-        torch.manual_seed(0)
-        m = QKSModel(cfg, tiny_backbone).eval()
-        x = torch.randn(2, 3, 32, 32)
-        with torch.no_grad():
-            assert torch.equal(ImageEncoder(m)(x), m.query_features(x))
+    cfg = tiny_model_config(zero_shot=True)
+    cfg.drop_cls = True
+    torch.manual_seed(0)
+    m = QKSModel(cfg, tiny_backbone).eval()
+    m.head.zero_shot_weight.fill_(4.0)
+    ckpt = save_checkpoint(tmp_path / "zs.pt", m, seen=["cat", "dog"], unseen=["bird"], prompts=["a {}."])
+    export_bundle(ckpt, tmp_path / "bundle", log=lambda *_: None)
+    man = read_manifest(tmp_path / "bundle")
+    assert man["model"]["queries"] == 4 and man["model"]["config"]["head"]["zero_shot"] is True
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    emb = torch.randn(5, 32, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        ref = m(pixels, emb).numpy()
+        plain = m.logits(m.head_features(m.image_tokens(pixels)), emb).numpy()
+    got = _session(tmp_path / "bundle" / "image_encoder.onnx").run(None, {"pixels": pixels.numpy()})[0]
+    assert got.shape == (3, 4, 32)
+    np.testing.assert_allclose(scores(got, emb.numpy()), ref, rtol=1e-4, atol=1e-4)
+    assert np.abs(ref - plain).max() > 0.1  # the zero-shot term is really in the graph
 
 
 def test_projection_only_head_exports_one_feature_per_token(tiny_backbone, tmp_path):

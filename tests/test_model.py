@@ -34,9 +34,60 @@ def test_random_init_is_the_same_model_every_time(tiny_backbone):
 
 
 def test_drop_cls_option(tiny_backbone):
-    model = QKSModel(ModelConfig.from_dict({**tiny_model_config().to_dict(), "drop_cls": True}), tiny_backbone)
-    tokens = model.image_tokens(torch.randn(2, 3, 32, 32))
-    assert tokens.shape[1] == 16
+    """image_tokens keeps CLS (what --cached-tokens stores, what CLIP's zero-shot needs); the head
+    reads the patch tokens alone."""
+    torch.manual_seed(0)
+    model = QKSModel(ModelConfig.from_dict({**tiny_model_config().to_dict(), "drop_cls": True}), tiny_backbone).eval()
+    x = torch.randn(2, 3, 32, 32)
+    tokens = model.image_tokens(x)
+    assert tokens.shape[1] == 17
+    with torch.no_grad():
+        torch.testing.assert_close(model.query_features(x), model.head(tokens[:, 1:]), rtol=0, atol=0)
+        assert not torch.allclose(model.head(tokens[:, 1:]), model.head(tokens[:, :16]))
+
+
+def test_openclip_zero_shot_features_are_clip_image_embeddings(tiny_backbone):
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        z = tiny_backbone.zero_shot_features(tiny_backbone.image_tokens(x))
+        ref = tiny_backbone.model.encode_image(x, normalize=True)
+    assert z.shape == (3, 1, tiny_backbone.embed_dim)
+    torch.testing.assert_close(z[:, 0], ref, rtol=1e-5, atol=1e-6)
+
+
+def _zero_shot_model(backbone, weight: float, **head):
+    torch.manual_seed(0)
+    model = QKSModel(tiny_model_config(zero_shot=True, **head), backbone).eval()
+    model.head.zero_shot_weight.fill_(weight)
+    return model
+
+
+def test_zero_shot_term_adds_the_backbone_scores(tiny_backbone):
+    """logit = head's + w * backbone's zero-shot; the deployed pairs give the same logits by one max."""
+    model = _zero_shot_model(tiny_backbone, 3.5)
+    plain = QKSModel(tiny_model_config(), tiny_backbone).eval()
+    plain.head.load_state_dict({k: v for k, v in model.head.state_dict().items() if k != "zero_shot_weight"})
+    x = torch.randn(4, 3, 32, 32)
+    emb = torch.randn(6, tiny_backbone.embed_dim)
+    with torch.no_grad():
+        tokens = model.image_tokens(x)
+        head, zs = model.logit_parts(tokens, emb)
+        torch.testing.assert_close(head, plain.logits(plain.query_features(x), emb))
+        z = tiny_backbone.model.encode_image(x, normalize=True)
+        torch.testing.assert_close(zs, z @ emb.T, rtol=1e-5, atol=1e-5)
+        pairs = model.query_features(x)
+        assert pairs.shape == (4, 4 * 1, tiny_backbone.embed_dim)  # Nq x M (CLIP: one image embedding)
+        torch.testing.assert_close(model.logits(pairs, emb), head + 3.5 * zs, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(x, emb), head + 3.5 * zs, rtol=1e-5, atol=1e-5)
+
+
+def test_zero_shot_weight_is_a_checkpointed_buffer_not_a_parameter(tiny_backbone):
+    model = _zero_shot_model(tiny_backbone, 2.0)
+    assert "zero_shot_weight" in model.head_state_dict()
+    assert "zero_shot_weight" not in dict(model.head.named_parameters())
+    with pytest.raises(ValueError, match="max scoring"):
+        QKSModel(ModelConfig(backbone=TINY_SPEC, head=HeadConfig(layers=1, queries=2, heads=4, ffn=32, zero_shot=True),
+                             scoring="topk", scoring_k=2), tiny_backbone)
 
 
 def test_label_embedding_is_mean_of_encode_text_over_pool(tiny_backbone):

@@ -95,11 +95,17 @@ def test_train_with_cached_tokens_writes_checkpoints_and_log(cached_run):
     assert not any(k.startswith("backbone") for k in last["head"])  # the head only
     records = [json.loads(x) for x in (cached_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
-    assert {"map", "f1@3", "f1@5", "score"} <= set(records[0]["val"])
-    assert records[0]["val_score"] == pytest.approx(
-        records[0]["val"]["map"] + records[0]["val"]["f1@3"] + records[0]["val"]["f1@5"])
+    val = records[0]["val"]
+    for part in ("trained", "held_out"):
+        assert {"map", "f1@3", "f1@5", "score"} <= set(val[part])
+        assert val[part]["score"] == pytest.approx(val[part]["map"] + val[part]["f1@3"] + val[part]["f1@5"])
+    assert records[0]["val_score"] == pytest.approx(val["trained"]["score"] + val["held_out"]["score"])
+    # The zero-shot weight chosen on validation is the one the checkpoint carries.
+    assert float(last["head"]["zero_shot_weight"]) == pytest.approx(records[1]["zero_shot_weight"])
     run = json.loads((cached_run / "run.json").read_text())
     assert (run["train_images"], run["val_images"]) == (18, 6)
+    # One of the five seen labels (10 %, at least one) is held out of training, the same for a seed.
+    assert len(run["held_out_concepts"]) == 1 and run["held_out_concepts"][0] in SEEN and run["trained"] == 4
 
 
 def test_train_from_images_with_augmentation(ds, tmp_path):

@@ -29,6 +29,8 @@ class Backbone(Protocol):
 
     `image_tokens(pixels) -> [B, N, C]` and `encode_text(token_ids) -> [L, D]`; `projection` is the
     backbone's own C -> D image projection (or None when it has none), used to initialise the head's.
+    `zero_shot_features(tokens) -> [B, M, D]` are the image features the backbone alone scores labels
+    with (`max_m <z_m, e>`): its zero-shot classifier, which the head's scores can be added to.
     """
 
     spec: str  # the registry name it was built from
@@ -44,6 +46,8 @@ class Backbone(Protocol):
     def tokenize(self, texts: list[str]) -> torch.Tensor: ...
 
     def projection(self) -> torch.Tensor | None: ...
+
+    def zero_shot_features(self, tokens: torch.Tensor) -> torch.Tensor: ...
 
     def text_fingerprint(self) -> str: ...
 

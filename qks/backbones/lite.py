@@ -343,6 +343,11 @@ class LiteBackbone(nn.Module):
         # The tokens already are D-dim text-space vectors: the head's projection starts as identity.
         return torch.eye(self.token_dim, self.embed_dim)
 
+    def zero_shot_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        # Every location's token already is a text-space vector: the backbone scores a label by its
+        # best location (benchmarks/RESULTS.md, "zero-shot").
+        return tokens
+
     def text_fingerprint(self) -> str:
         if self._text_fp is None:
             h = hashlib.sha256(module_fingerprint(self.text).encode())

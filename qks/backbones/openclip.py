@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .base import Preprocess, module_fingerprint
@@ -119,6 +120,15 @@ class OpenClipBackbone(nn.Module):
     def projection(self) -> torch.Tensor | None:
         proj = self.model.visual.proj
         return None if proj is None else proj.detach().clone()
+
+    def zero_shot_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """CLIP's own image embedding (`encode_image`: the tower's pooling of these tokens, then its frozen
+        visual projection), L2-normalised as CLIP scores labels by cosine. [B, 1, D]"""
+        visual = self.model.visual
+        pooled, _ = visual._global_pool(tokens)
+        if visual.proj is not None:
+            pooled = pooled @ visual.proj
+        return F.normalize(pooled, dim=-1).unsqueeze(1)
 
     def text_fingerprint(self) -> str:
         if self._text_fp is None:
