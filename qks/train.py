@@ -364,6 +364,30 @@ def _train_epoch(model, loader, emb, loss_fn, optimizer, o: TrainOptions, device
     return total / max(batches, 1)
 
 
+OFFSET_IMAGES = 1024  # training images the zero-shot offset is measured on
+
+
+@torch.no_grad()
+def _set_zero_shot_offset(model, train_ds, d: _Data, o: TrainOptions, emb, device, workers) -> None:
+    """The zero-shot term's reference feature, from the training images (eval transform), before the
+    first epoch: it depends on the images and the trained labels' embeddings only."""
+    n = min(len(d.train_rows), OFFSET_IMAGES)
+    if o.cached_tokens:
+        ds = torch.utils.data.Subset(train_ds, range(n))
+    else:
+        ds = ManifestDataset([d.manifest.samples[i] for i in d.train_rows[:n]], d.trained,
+                             eval_transform(model.backbone.preprocess))
+    feats = []
+    for inputs, _ in _loader(ds, o.batch_size, None, workers, 0, device):
+        inputs = inputs.to(device)
+        if not o.cached_tokens:
+            with autocast(device, o.amp):
+                inputs = model.image_tokens(inputs)
+        feats.append(model.zero_shot_features(inputs.float()).cpu())
+    if feats:
+        model.set_zero_shot_offset(torch.cat(feats), emb.cpu())
+
+
 def _validate(model, val_ds, train_ds, emb, d: _Data, o: TrainOptions, device, workers, progress) -> dict | None:
     """Score the validation split, fit the zero-shot weight, and set it on the head; the record, or
     None without a validation split (then the weight is the scale-matching one, on training images)."""
@@ -419,6 +443,8 @@ def train(options: TrainOptions | None = None, resume: str | Path | None = None,
         log(f"resuming {out} after epoch {run.start_epoch} (best validation score {run.best_score:.4f})")
     else:
         metrics_path.write_text("")
+        if model.zero_shot:
+            _set_zero_shot_offset(model, train_ds, d, o, emb[:len(d.trained)], device, workers)
     _write_run_json(out, o, model.config, d, device)
 
     best_score = run.best_score

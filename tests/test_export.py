@@ -176,6 +176,7 @@ def test_zero_shot_head_exports_pairs_that_score_like_pytorch(tiny_backbone, tmp
     torch.manual_seed(0)
     m = QKSModel(cfg, tiny_backbone).eval()
     m.head.zero_shot_weight.fill_(4.0)
+    m.head.zero_shot_offset.copy_(torch.randn(32, generator=torch.Generator().manual_seed(7)) * 0.2)
     ckpt = save_checkpoint(tmp_path / "zs.pt", m, seen=["cat", "dog"], unseen=["bird"], prompts=["a {}."])
     export_bundle(ckpt, tmp_path / "bundle", log=lambda *_: None)
     man = read_manifest(tmp_path / "bundle")

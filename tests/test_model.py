@@ -59,14 +59,16 @@ def _zero_shot_model(backbone, weight: float, **head):
     torch.manual_seed(0)
     model = QKSModel(tiny_model_config(zero_shot=True, **head), backbone).eval()
     model.head.zero_shot_weight.fill_(weight)
+    model.head.zero_shot_offset.copy_(torch.randn(backbone.embed_dim) * 0.1)
     return model
 
 
 def test_zero_shot_term_adds_the_backbone_scores(tiny_backbone):
-    """logit = head's + w * backbone's zero-shot; the deployed pairs give the same logits by one max."""
+    """logit = head's + w * (backbone's zero-shot - the offset's score); the deployed pairs give the same
+    logits by one max."""
     model = _zero_shot_model(tiny_backbone, 3.5)
     plain = QKSModel(tiny_model_config(), tiny_backbone).eval()
-    plain.head.load_state_dict({k: v for k, v in model.head.state_dict().items() if k != "zero_shot_weight"})
+    plain.head.load_state_dict({k: v for k, v in model.head.state_dict().items() if not k.startswith("zero_shot")})
     x = torch.randn(4, 3, 32, 32)
     emb = torch.randn(6, tiny_backbone.embed_dim)
     with torch.no_grad():
@@ -74,17 +76,32 @@ def test_zero_shot_term_adds_the_backbone_scores(tiny_backbone):
         head, zs = model.logit_parts(tokens, emb)
         torch.testing.assert_close(head, plain.logits(plain.query_features(x), emb))
         z = tiny_backbone.model.encode_image(x, normalize=True)
-        torch.testing.assert_close(zs, z @ emb.T, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(zs, (z - model.head.zero_shot_offset) @ emb.T, rtol=1e-5, atol=1e-5)
         pairs = model.query_features(x)
         assert pairs.shape == (4, 4 * 1, tiny_backbone.embed_dim)  # Nq x M (CLIP: one image embedding)
         torch.testing.assert_close(model.logits(pairs, emb), head + 3.5 * zs, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(model(x, emb), head + 3.5 * zs, rtol=1e-5, atol=1e-5)
 
 
+def test_zero_shot_offset_centres_the_term(tiny_backbone):
+    """The offset makes the added term zero on average over the images it was measured on."""
+    model = _zero_shot_model(tiny_backbone, 1.0)
+    emb = torch.randn(7, tiny_backbone.embed_dim) + 0.5
+    with torch.no_grad():
+        feats = model.zero_shot_features(model.image_tokens(torch.randn(16, 3, 32, 32)))
+    model.set_zero_shot_offset(feats, emb)
+    _, zs = model.logit_parts(model.image_tokens(torch.randn(1, 3, 32, 32)), emb)
+    with torch.no_grad():
+        centred = score(feats, emb) - model.head.zero_shot_offset @ emb.T
+    assert abs(centred.mean().item()) < 1e-5 and zs.shape == (1, 7)
+    # With one feature per image (CLIP) the offset is exactly their mean.
+    torch.testing.assert_close(model.head.zero_shot_offset, feats.mean(dim=(0, 1)), rtol=1e-4, atol=1e-6)
+
+
 def test_zero_shot_weight_is_a_checkpointed_buffer_not_a_parameter(tiny_backbone):
     model = _zero_shot_model(tiny_backbone, 2.0)
-    assert "zero_shot_weight" in model.head_state_dict()
-    assert "zero_shot_weight" not in dict(model.head.named_parameters())
+    assert {"zero_shot_weight", "zero_shot_offset"} <= set(model.head_state_dict())
+    assert not {"zero_shot_weight", "zero_shot_offset"} & set(dict(model.head.named_parameters()))
     with pytest.raises(ValueError, match="max scoring"):
         QKSModel(ModelConfig(backbone=TINY_SPEC, head=HeadConfig(layers=1, queries=2, heads=4, ffn=32, zero_shot=True),
                              scoring="topk", scoring_k=2), tiny_backbone)

@@ -102,6 +102,7 @@ def test_train_with_cached_tokens_writes_checkpoints_and_log(cached_run):
     assert records[0]["val_score"] == pytest.approx(val["trained"]["score"] + val["held_out"]["score"])
     # The zero-shot weight chosen on validation is the one the checkpoint carries.
     assert float(last["head"]["zero_shot_weight"]) == pytest.approx(records[1]["zero_shot_weight"])
+    assert last["head"]["zero_shot_offset"].abs().sum() > 0  # measured on the training images
     run = json.loads((cached_run / "run.json").read_text())
     assert (run["train_images"], run["val_images"]) == (18, 6)
     # One of the five seen labels (10 %, at least one) is held out of training, the same for a seed.

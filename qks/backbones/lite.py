@@ -22,12 +22,11 @@ Spec: `lite` (the defaults) or `lite:<option>,<option>,...` with
                   own final L2 normalisation, as sentence-transformers applies it);
   `temp=<t>`      softmax temperature of the per-location classifier (default 1);
   `ctx=<T>`       context length in tokens (default 32).
-Options exist for the measurements in benchmarks/lite_zero_shot.py; the defaults are what they chose.
-On the default mosaic benchmark (20 Fashion-/Animal-MNIST classes, 6 unseen, one unseen item per
-test image; chance ZSL mAP 17.1, ZSL F1@1 16.6, GZSL mAP 20.5), scored with no training as the max
-over locations of token . label: ZSL mAP 34.5, ZSL F1@1 34.7, GZSL mAP 34.9. Every option moved
-these by at most about 2 points (the noise of 1,000 images), so the defaults are the cheapest and
-the best-founded: one prompt per class name (1,000 sentences at start-up, 2-3 s), temperature 1,
+The options were measured on the earlier Fashion-/Animal-MNIST mosaic benchmark (20 classes, 6
+unseen; benchmarks/RESULTS.md keeps the table; the script is retired with the mosaics), scored with
+no training as the max over locations of token . label: ZSL mAP 34.5, ZSL F1@1 34.7, GZSL mAP 34.9.
+Every option moved these by at most about 2 points (the noise of 1,000 images), so the defaults are
+the cheapest and the best-founded: one prompt per class name (1,000 sentences at start-up, 2-3 s), temperature 1,
 no global token, no centring, and MiniLM's own L2 normalisation (its embeddings then have norm 1 and
 the head's logits start in a sane range; unnormalised ones have norms of 5 to 8). Mean pooling
 over locations lost 9 points of ZSL F1@1 against max.
