@@ -95,8 +95,8 @@ running)."""
 @click.option("--label-cache", type=click.Path(file_okay=False), default=None, help="Label-embedding cache, "
               "shareable between runs (default: RUNDIR/label_cache).")
 @click.option("--workers", type=int, default=None, help="Image-loading worker processes (default 4).")
-@click.option("--threads", type=int, default=None, help="PyTorch CPU threads (default: PyTorch's, one per "
-              "core; 1 is fastest for --cached-tokens on a shared machine).")
+@click.option("--threads", type=int, default=None, help="PyTorch CPU threads (default: 1 with --cached-tokens "
+              "on a CPU, where the head's small matrices run fastest on one; else PyTorch's, one per core).")
 @click.option("--skip-bad", is_flag=True, default=None, help="Drop bad manifest lines with a warning "
               "instead of stopping.")
 @click.option("--no-amp", is_flag=True, default=None, help="Full fp32 on CUDA too.")

@@ -256,6 +256,24 @@ def test_empty_manifest(ds, tmp_path):
     assert result.exit_code == 1 and "the manifest has no usable images" in result.output
 
 
+def test_threads_and_a_shared_label_cache(ds, tmp_path):
+    """--threads is the run's only (torch's setting comes back after it); runs share --label-cache."""
+    cache = tmp_path / "labels"
+    before = torch.get_num_threads()
+    ok(train_main, train_args(ds, tmp_path / "a", "--epochs", "1", "--cached-tokens", "--threads", "1",
+                              "--label-cache", str(cache)))
+    assert torch.get_num_threads() == before
+    cached = sorted(p.name for p in cache.glob("*.npy"))
+    assert len(cached) == len(SEEN) and not (tmp_path / "a" / "label_cache").exists()
+    ok(train_main, train_args(ds, tmp_path / "b", "--epochs", "1", "--cached-tokens", "--label-cache", str(cache),
+                              "--no-zero-shot", "--val-concepts", "0"))
+    assert sorted(p.name for p in cache.glob("*.npy")) == cached  # nothing embedded again
+    run = json.loads((tmp_path / "b" / "run.json").read_text())
+    assert run["trained"] == len(SEEN) and run["held_out_concepts"] == []
+    assert "zero_shot_weight" not in torch.load(tmp_path / "b" / "best.pt", weights_only=True)["head"]
+    assert invoke(train_main, train_args(ds, tmp_path / "c", "--threads", "0")).exit_code != 0
+
+
 def test_user_errors_are_one_line(ds, cached_run, tmp_path):
     cases = [
         (train_main, train_args(ds, cached_run, "--epochs", "1"), "already holds a run"),
@@ -263,6 +281,7 @@ def test_user_errors_are_one_line(ds, cached_run, tmp_path):
         (train_main, ["--resume", str(tmp_path / "nothing")], "checkpoint not found"),
         (train_main, ["--data", str(ds / "train.jsonl")], "missing --seen, --out"),
         (train_main, train_args(ds, tmp_path / "r", "--heads", "5"), "bad head configuration"),
+        (train_main, train_args(ds, tmp_path / "r", "--val-concepts", "1.5"), "--val-concepts must be in [0, 1)"),
         (train_main, [*train_args(ds, tmp_path / "r1"), "--prompts", str(tmp_path / "no.txt")], "prompt pool"),
         (train_main, [*train_args(ds, tmp_path / "r2"), "--backbone", "openclip:NoSuchArch:none"],
          "cannot build backbone"),
