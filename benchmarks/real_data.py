@@ -146,8 +146,21 @@ class Split:
                 shutil.copyfile(self.tokens_dir / "train" / name, run_dir / name)
 
 
-def train_and_score(split: Split, run_dir: Path, settings: dict, seed: int, label_cache: Path, log) -> tuple:
-    """qks-train with cached tokens, then best.pt scored on the test tokens: (logits, info)."""
+def _finished(run_dir: Path, options) -> bool:
+    """Whether `run_dir` holds a run of these very options that trained every epoch."""
+    try:
+        saved = json.loads((run_dir / "run.json").read_text())["options"]
+        epochs = sum(1 for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip())
+    except (OSError, ValueError, KeyError):
+        return False
+    return saved == json.loads(json.dumps(options.to_dict())) and epochs == options.epochs and (
+        run_dir / "best.pt").is_file()
+
+
+def train_and_score(split: Split, run_dir: Path, settings: dict, seed: int, label_cache: Path, log,
+                    reuse: bool = False) -> tuple:
+    """qks-train with cached tokens (or, with `reuse`, a finished run of the same options), then best.pt
+    scored on the test tokens: (logits, info)."""
     import torch
 
     from qks.checkpoint import load_checkpoint, model_from_checkpoint
@@ -155,13 +168,17 @@ def train_and_score(split: Split, run_dir: Path, settings: dict, seed: int, labe
     from qks.prompts import LabelEmbedder
     from qks.train import TokenDataset, TrainOptions, train
 
-    split.seed_run(run_dir)
-    t0 = time.perf_counter()
     options = TrainOptions(
         data=str(split.data / "train.jsonl"), seen=str(split.data / "seen.txt"),
         unseen=str(split.data / "unseen.txt"), out=str(run_dir), backbone="lite", cached_tokens=True,
         device="cpu", workers=0, seed=seed, label_cache=str(label_cache), **settings)
-    summary = train(options, progress=False, log=lambda m: log(f"    {m}"))
+    t0 = time.perf_counter()
+    if reuse and _finished(run_dir, options):
+        log("    reusing the finished run (same options)")
+        summary = {"epoch": options.epochs}
+    else:
+        split.seed_run(run_dir)
+        summary = train(options, progress=False, log=lambda m: log(f"    {m}"))
     t_train = time.perf_counter() - t0
     t0 = time.perf_counter()
     state = load_checkpoint(run_dir / "best.pt")
@@ -240,7 +257,8 @@ def run_seed(seed: int, args, log) -> dict:
         if name == "projection_only":
             settings["lr"] = args.proj_lr
         log(f"  [{name}] qks-train " + " ".join(f"{k}={v}" for k, v in sorted(settings.items())))
-        logits[name], training[name] = train_and_score(split, work / f"run_{name}", settings, seed, label_cache, log)
+        logits[name], training[name] = train_and_score(split, work / f"run_{name}", settings, seed, label_cache, log,
+                                                       reuse=args.reuse)
         rows[name] = metrics(logits[name], split.targets, split.unseen_mask)
         times[f"{name}_train"] = training[name]["train_s"]
         log(f"    ZSL mAP {rows[name]['zsl_map']:.1f}, ZSL F1@1 {rows[name]['zsl_f1@1']:.1f}, GZSL mAP "
@@ -357,6 +375,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--chance-draws", type=int, default=50)
     p.add_argument("--bundle-seed", type=int, default=0, help="the seed whose QKS run is exported and run by qks-infer")
     p.add_argument("--no-bundle", action="store_true", help="skip qks-export / qks-infer")
+    p.add_argument("--reuse", action="store_true", help="keep runs a previous call finished with the same options "
+                   "(retrain only what changed)")
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--markdown", type=Path, default=None, help="write the tables as markdown here")
     return p

@@ -44,7 +44,7 @@ from .losses import LOSSES, get_loss
 from .model import QKSModel
 from .prompts import LabelEmbedder, load_prompts
 from .transforms import eval_transform, train_transform
-from .validation import hold_out_concepts, scale_weight, split_validation, validate
+from .validation import hold_out_concepts, scale_weight, split_validation, transfer_rows, validate
 
 DEFAULT_BACKBONE = "openclip:ViT-B-16:openai"
 PLATEAU_FACTOR = 0.1
@@ -290,6 +290,7 @@ class _Data:
     manifest_sha: str
     train_rows: np.ndarray
     val_rows: np.ndarray
+    transfer_rows: np.ndarray  # the images the held-out concepts are scored on (qks.validation)
     topk: tuple[int, ...]
 
 
@@ -309,8 +310,12 @@ def _read_data(run: _Run, progress: bool, log) -> _Data:
         raise TrainError(f"cannot resume {run.out}: {o.data} changed since the run started")
     trained, held_out = hold_out_concepts(seen, o.val_concepts, o.seed)
     train_rows, val_rows = split_validation(len(manifest.samples), o.val_fraction, o.seed)
+    index = {name: j for j, name in enumerate(held_out)}
+    shows = np.array([(s.targets(index) > 0).any() for s in manifest.samples], dtype=bool)
+    transfer = transfer_rows(shows, o.seed) if held_out and len(val_rows) else np.arange(0)
     topk = o.topk or DEFAULT_TOPK.get(o.recipe, (3, 5))
-    return _Data(templates, seen, unseen, trained, held_out, manifest, manifest_sha, train_rows, val_rows, topk)
+    return _Data(templates, seen, unseen, trained, held_out, manifest, manifest_sha, train_rows, val_rows,
+                 transfer, topk)
 
 
 def _build_model(o: TrainOptions, device: torch.device) -> QKSModel:
@@ -326,15 +331,23 @@ def _build_model(o: TrainOptions, device: torch.device) -> QKSModel:
 
 
 def _datasets(model: QKSModel, d: _Data, o: TrainOptions, out: Path, device: torch.device, progress: bool):
-    """(training set over the trained labels, validation set over trained + held-out labels, workers)."""
-    val_labels = d.trained + d.held_out
+    """(training set over the trained labels, validation set over them, the held-out concepts' images
+    over the held-out labels, workers)."""
     if o.cached_tokens:
         tokens = cache_tokens(model, d.manifest, out, device, o.batch_size, o.workers, o.amp, progress)
-        return (TokenDataset(tokens, d.train_rows, d.manifest, d.trained),
-                TokenDataset(tokens, d.val_rows, d.manifest, val_labels), 0)  # memory-mapped: no workers
-    pp = model.backbone.preprocess
-    return (ManifestDataset([d.manifest.samples[i] for i in d.train_rows], d.trained, train_transform(pp)),
-            ManifestDataset([d.manifest.samples[i] for i in d.val_rows], val_labels, eval_transform(pp)), o.workers)
+
+        def make(rows, labels):
+            return TokenDataset(tokens, rows, d.manifest, labels)
+
+        train_ds, workers = make(d.train_rows, d.trained), 0  # memory-mapped: no workers
+    else:
+        pp = model.backbone.preprocess
+
+        def make(rows, labels, transform=eval_transform(pp)):
+            return ManifestDataset([d.manifest.samples[i] for i in rows], labels, transform)
+
+        train_ds, workers = make(d.train_rows, d.trained, train_transform(pp)), o.workers
+    return train_ds, make(d.val_rows, d.trained), make(d.transfer_rows, d.held_out), workers
 
 
 def _train_epoch(model, loader, emb, loss_fn, optimizer, o: TrainOptions, device, epoch: int, progress: bool) -> float:
@@ -392,14 +405,19 @@ def _set_zero_shot_offset(model, train_ds, d: _Data, o: TrainOptions, emb, devic
         model.set_zero_shot_offset(torch.cat(feats), emb.cpu())
 
 
-def _validate(model, val_ds, train_ds, emb, d: _Data, o: TrainOptions, device, workers, progress) -> dict | None:
-    """Score the validation split, fit the zero-shot weight, and set it on the head; the record, or
-    None without a validation split (then the weight is the scale-matching one, on training images)."""
+def _validate(model, val_ds, transfer_ds, train_ds, emb, d: _Data, o: TrainOptions, device, workers,
+              progress) -> dict | None:
+    """Score the validation split (and the held-out concepts), fit the zero-shot weight, and set it on
+    the head; the record, or None without a validation split (then the weight is the scale-matching
+    one, on training images)."""
+    def parts(ds, labels_emb, desc):
+        return predict_parts(model, _loader(ds, o.batch_size, None, workers, 0, device), labels_emb, device,
+                             from_tokens=o.cached_tokens, amp=o.amp, progress=progress, desc=desc)
+
     if len(val_ds):
-        loader = _loader(val_ds, o.batch_size, None, workers, 0, device)
-        head, zs, targets = predict_parts(model, loader, emb, device, from_tokens=o.cached_tokens, amp=o.amp,
-                                          progress=progress, desc="validating")
-        val = validate(head, zs, targets, len(d.trained), d.topk)
+        trained = parts(val_ds, emb[:len(d.trained)], "validating")
+        held_out = parts(transfer_ds, emb[len(d.trained):], "held-out concepts") if len(transfer_ds) else None
+        val = validate(trained, held_out, d.topk)
         weight = val.get("zero_shot_weight")
     else:
         val, weight = None, None
@@ -443,7 +461,7 @@ def _run_epochs(run: _Run, d: _Data, device: torch.device, progress: bool, log) 
     out.mkdir(parents=True, exist_ok=True)  # only now: bad input leaves no half-made run directory
     embedder = LabelEmbedder(model.backbone, d.templates, cache_dir=o.label_cache or out / "label_cache")
     emb = embedder(d.trained + d.held_out).to(device)  # rows [:len(trained)] are the trained labels
-    train_ds, val_ds, workers = _datasets(model, d, o, out, device, progress)
+    train_ds, val_ds, transfer_ds, workers = _datasets(model, d, o, out, device, progress)
     loss_fn = get_loss(o.loss)
 
     optimizer = torch.optim.AdamW(model.head.parameters(), lr=o.lr, weight_decay=o.weight_decay)
@@ -476,7 +494,7 @@ def _run_epochs(run: _Run, d: _Data, device: torch.device, progress: bool, log) 
             epoch_seed(o.seed, epoch, 1))).tolist()
         loader = _loader(train_ds, o.batch_size, order, workers, epoch_seed(o.seed, epoch, 2), device)
         train_loss = _train_epoch(model, loader, emb[:len(d.trained)], loss_fn, optimizer, o, device, epoch, progress)
-        val = _validate(model, val_ds, train_ds, emb, d, o, device, workers, progress)
+        val = _validate(model, val_ds, transfer_ds, train_ds, emb, d, o, device, workers, progress)
         score = val["score"] if val else float(epoch)  # no validation split: best.pt is the latest epoch
         if val:
             scheduler.step(score)
@@ -499,7 +517,7 @@ def _run_epochs(run: _Run, d: _Data, device: torch.device, progress: bool, log) 
 def _write_run_json(out: Path, o: TrainOptions, cfg, d: _Data, device) -> None:
     (out / "run.json").write_text(json.dumps({
         "options": o.to_dict(), "model": cfg.to_dict(), "seen": len(d.seen), "unseen": len(d.unseen),
-        "trained": len(d.trained), "held_out_concepts": d.held_out,
+        "trained": len(d.trained), "held_out_concepts": d.held_out, "held_out_images": len(d.transfer_rows),
         "train_images": len(d.train_rows), "val_images": len(d.val_rows), "skipped_lines": len(d.manifest.skipped),
         "device": str(device),
         "validation_score": f"mAP + sum of F1@{list(d.topk)} on the trained labels"

@@ -11,6 +11,7 @@ from qks.validation import (
     part_metrics,
     scale_weight,
     split_validation,
+    transfer_rows,
     validate,
 )
 
@@ -40,29 +41,55 @@ def test_part_metrics_scores_only_images_with_a_positive():
     assert m["images"] == 2 and m["map"] == 1.0 and m["f1@1"] == 1.0 and m["score"] == 2.0
 
 
+def test_transfer_rows_are_the_images_that_show_a_held_out_concept(monkeypatch):
+    shows = np.array([True, False, True, True, False])
+    assert transfer_rows(shows, 0).tolist() == [0, 2, 3]
+    import qks.validation as v
+
+    monkeypatch.setattr(v, "TRANSFER_MAX", 2)
+    rows = transfer_rows(shows, 0)
+    assert len(rows) == 2 and set(rows) <= {0, 2, 3} and list(rows) == sorted(rows)
+    assert transfer_rows(np.zeros(4, bool), 0).size == 0
+
+
 def test_validate_picks_the_weight_that_scores_best():
     rng = np.random.default_rng(0)
     n, trained, held = 200, 6, 4
-    targets = np.where(rng.random((n, trained + held)) < 0.3, 1, -1)
-    signal = targets.astype(float)
-    head = np.concatenate([signal[:, :trained] * 2, rng.normal(size=(n, held))], axis=1)  # knows trained only
-    zero_shot = np.concatenate([rng.normal(size=(n, trained)), signal[:, trained:] * 0.1], axis=1)  # held-out only
-    rec = validate(head, zero_shot, targets, trained, (1,))
+    t_tr = np.where(rng.random((n, trained)) < 0.3, 1, -1)
+    t_ho = np.where(rng.random((n, held)) < 0.3, 1, -1)
+    # The head knows the trained labels only; the zero-shot scores know the held-out ones.
+    part_tr = (t_tr * 2.0, rng.normal(size=(n, trained)), t_tr)
+    part_ho = (rng.normal(size=(n, held)), t_ho * 1.0, t_ho)
+    rec = validate(part_tr, part_ho, (1,))
     assert set(rec) == {"trained", "held_out", "score", "zero_shot_weight"}
-    scale = scale_weight(head, zero_shot)
+    scale = scale_weight(part_tr[0], part_tr[1])
     assert rec["zero_shot_weight"] / scale in WEIGHT_GRID and rec["zero_shot_weight"] > 0
     assert rec["held_out"]["map"] > 0.9  # the weight lets the zero-shot part rank the held-out labels
     assert rec["score"] == pytest.approx(rec["trained"]["score"] + rec["held_out"]["score"])
-    for m in WEIGHT_GRID:  # no grid weight scores better
-        s = head + m * scale * zero_shot
-        other = part_metrics(s[:, :trained], targets[:, :trained], (1,))["score"] + \
-            part_metrics(s[:, trained:], targets[:, trained:], (1,))["score"]
-        assert other <= rec["score"] + 1e-12
+    # No grid weight does better on both parts relative to each part's best.
+    grid = [[part_metrics(h + m * scale * z, t, (1,))["score"] for h, z, t in (part_tr, part_ho)] for m in WEIGHT_GRID]
+    best = [max(g[i] for g in grid) for i in range(2)]
+    relative = lambda g: g[0] / best[0] + g[1] / best[1]  # noqa: E731
+    chosen = [rec["trained"]["score"], rec["held_out"]["score"]]
+    assert all(relative(g) <= relative(chosen) + 1e-12 for g in grid)
+
+
+def test_validate_balances_the_parts_relative_to_their_best():
+    """A part with a larger score range does not decide the weight alone."""
+    rng = np.random.default_rng(1)
+    n = 300
+    t_tr = np.where(rng.random((n, 8)) < 0.3, 1, -1)
+    t_ho = np.where(rng.random((n, 4)) < 0.3, 1, -1)
+    trained = (t_tr * 1.0 + rng.normal(size=(n, 8)), rng.normal(size=(n, 8)), t_tr)
+    held = (rng.normal(size=(n, 4)), t_ho + rng.normal(size=(n, 4)), t_ho)
+    rec = validate(trained, held, (1, 3))
+    alone = validate(trained, None, (1, 3))
+    assert rec["zero_shot_weight"] > alone["zero_shot_weight"]  # the held-out concepts pull the weight up
 
 
 def test_validate_without_the_zero_shot_term_or_held_out_concepts():
     targets = np.array([[1, -1], [-1, 1]])
-    rec = validate(np.array([[1.0, 0.0], [0.0, 1.0]]), None, targets, 2, (1,))
+    rec = validate((np.array([[1.0, 0.0], [0.0, 1.0]]), None, targets), None, (1,))
     assert set(rec) == {"trained", "score"} and rec["score"] == 2.0
 
 
