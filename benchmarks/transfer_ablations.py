@@ -66,11 +66,13 @@ class Tokens:
 
 
 def _head(layers: int, args, dim: int = 384):
+    """A fresh head, initialised from the seed (every ablation starts from the same weights)."""
     import torch
 
     from qks.config import HeadConfig
     from qks.head import QueryHead
 
+    torch.manual_seed(args.seed)
     cfg = HeadConfig(layers=layers, queries=args.queries, ffn=args.ffn)
     return QueryHead(cfg, dim, dim, projection=torch.eye(dim))
 
