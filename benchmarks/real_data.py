@@ -48,15 +48,17 @@ DEFAULTS = {"epochs": 15, "lr": 3e-4, "proj_lr": 1e-3, "layers": 2, "queries": 1
             "batch_size": 16, "train": 3000, "test": 800}
 ZSL_K, GZSL_K = (1, 3), (3, 5)
 METRICS = ["zsl_map", "zsl_f1@1", "zsl_f1@3", "gzsl_map", "gzsl_f1@3", "gzsl_f1@5", "seen_map"]
-TRAINED = ["projection_only", "qks_paper", "qks"]
+TRAINED = ["projection_only", "projection_zero_shot", "qks_paper", "qks"]
 METHODS = ["zero_shot", *TRAINED]
 NAMES = {"chance": "chance (random scores)", "zero_shot": "zero-shot lite backbone (no head)",
          "projection_only": "projection-only head (`--layers 0 --no-zero-shot`)",
+         "projection_zero_shot": "projection-only head + zero-shot term (`--layers 0`, else defaults)",
          "qks_paper": "QKS, the paper's head alone (`--no-zero-shot --val-concepts 0`)",
          "qks": "QKS, qks-train's defaults (+ zero-shot term, held-out concepts)",
          "qks_bundle": "QKS defaults, the bundle through qks-infer (seed 0)"}
 # qks.train.TrainOptions fields per trained row (on top of the shared head settings).
 RUNS = {"projection_only": {"layers": 0, "zero_shot": False, "val_concepts": 0.0},
+        "projection_zero_shot": {"layers": 0},
         "qks_paper": {"zero_shot": False, "val_concepts": 0.0},
         "qks": {}}
 
@@ -173,7 +175,8 @@ def train_and_score(split: Split, run_dir: Path, settings: dict, seed: int, labe
         unseen=str(split.data / "unseen.txt"), out=str(run_dir), backbone="lite", cached_tokens=True,
         device="cpu", workers=0, seed=seed, label_cache=str(label_cache), **settings)
     t0 = time.perf_counter()
-    if reuse and _finished(run_dir, options):
+    reused = reuse and _finished(run_dir, options)
+    if reused:
         log("    reusing the finished run (same options)")
         summary = {"epoch": options.epochs}
     else:
@@ -189,7 +192,9 @@ def train_and_score(split: Split, run_dir: Path, settings: dict, seed: int, labe
     logits, _ = predict(model, loader, emb, torch.device("cpu"), from_tokens=True)
     records = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     best = max(records, key=lambda r: r["val_score"] if r["val_score"] is not None else -1)
-    info = {"train_s": t_train, "eval_s": time.perf_counter() - t0, "best_epoch": best["epoch"],
+    if reused:  # the epochs' own times, as the run measured them
+        t_train = sum(r["seconds"] for r in records)
+    info = {"train_s": t_train, "reused": reused, "eval_s": time.perf_counter() - t0, "best_epoch": best["epoch"],
             "epochs": summary.get("epoch"), "zero_shot_weight": best.get("zero_shot_weight"),
             "held_out_concepts": len(json.loads((run_dir / "run.json").read_text())["held_out_concepts"])}
     return logits, info
@@ -254,7 +259,7 @@ def run_seed(seed: int, args, log) -> dict:
     training, logits = {}, {}
     for name in args.methods:
         settings = {**shared, **RUNS[name]}
-        if name == "projection_only":
+        if settings["layers"] == 0:
             settings["lr"] = args.proj_lr
         log(f"  [{name}] qks-train " + " ".join(f"{k}={v}" for k, v in sorted(settings.items())))
         logits[name], training[name] = train_and_score(split, work / f"run_{name}", settings, seed, label_cache, log,

@@ -70,7 +70,7 @@ def test_real_data_benchmark_end_to_end(tmp_path, monkeypatch):
 
     # Times per stage and the markdown tables.
     for stage in ("data", "tokens", "zero_shot", "qks_train", "qks_paper_train", "projection_only_train",
-                  "export", "infer"):
+                  "projection_zero_shot_train", "export", "infer"):
         assert seed["seconds"][stage] >= 0.0
     table = out_md.read_text()
     assert all(real_data.NAMES[m] in table for m in ["chance", *real_data.METHODS])
