@@ -9,17 +9,19 @@ unseen by concept, the split drawn by the seed; generated under --work if missin
                 max_n <token_n, label> (`LiteBackbone.zero_shot_features`);
 3. projection   a projection-only head (`qks-train --layers 0 --no-zero-shot`): every image token
                 through a trained C -> D projection (initialised to the identity), best token;
-4. QKS (paper)  the paper's head alone (`qks-train --no-zero-shot --val-concepts 0`): queries,
+4. projection + zero-shot  the same head with qks-train's defaults (`--layers 0`): held-out concepts
+                and the zero-shot term, as (6);
+5. QKS (paper)  the paper's head alone (`qks-train --no-zero-shot --val-concepts 0`): queries,
                 self-/cross-attention, max over queries;
-5. QKS          qks-train's defaults: the same head, 10 % of the seen labels held out to validate
+6. QKS          qks-train's defaults: the same head, 10 % of the seen labels held out to validate
                 transfer, and the backbone's zero-shot scores added with the weight that validation
                 chose (`HeadConfig.zero_shot`);
-6. bundle       seed 0: `qks-export` of (5)'s best.pt, then `qks-infer --all-scores` (the torch-free
+7. bundle       seed 0: `qks-export` of (6)'s best.pt, then `qks-infer --all-scores` (the torch-free
                 runtime, ONNX Runtime CPU, fp32) over the test images; metrics from its output.
 
 Every head is trained by `qks.train.train` (what `qks-train --backbone lite --cached-tokens` runs) with
 the same head size, optimiser, batch and epochs; the backbone's tokens are computed once per seed and
-shared by the three runs. Scoring is `qks.evaluate.predict` (what `qks-eval` runs) on the test images'
+shared by the four runs. Scoring is `qks.evaluate.predict` (what `qks-eval` runs) on the test images'
 cached tokens (the eval transform, as qks-eval's). Metrics (qks.metrics, percent): ZSL (unseen labels,
 test scenes hold at least one unseen object each) mAP, F1@1, F1@3; GZSL (all labels) mAP, F1@3, F1@5;
 seen mAP (the seen labels on the GZSL images). Mean and standard deviation over seeds, and each
@@ -122,13 +124,14 @@ class Split:
         self.tokens_seconds = time.perf_counter() - t0
         log(f"  tokens: {self.tokens_seconds:.0f} s (reused when cached)")
 
-    def zero_shot_scores(self, label_cache: Path) -> np.ndarray:
+    def zero_shot_scores(self, label_cache: Path, prompts: list[str] | None = None) -> np.ndarray:
+        """The backbone alone on the test images; label embeddings from `prompts` (default: the pool)."""
         import torch
 
         from qks.prompts import LabelEmbedder, load_prompts
         from qks.scoring import score
 
-        emb = LabelEmbedder(self.backbone, load_prompts("default"), cache_dir=label_cache)(self.labels)
+        emb = LabelEmbedder(self.backbone, prompts or load_prompts("default"), cache_dir=label_cache)(self.labels)
         tokens = torch.from_numpy(np.asarray(self.test_tokens, dtype=np.float32))
         with torch.no_grad():
             return torch.cat([score(self.backbone.zero_shot_features(tokens[i:i + 200]), emb)

@@ -9,10 +9,17 @@ size), all training scenes, a fixed number of epochs, the last epoch scored on t
 - weights     the paper's head (`run_qks_paper/best.pt`) plus w times the zero-shot scores, for a grid
               of w chosen on the TEST set: the best any weight can do (an upper bound of the
               product's validation-chosen weight), and whether any w beats zero-shot alone;
+- oracle      per unseen label, the AP of the benchmark's trained heads (alone) against zero-shot's, and
+              the mean of the better of the two: what a perfect per-label choice between them could
+              reach, the ceiling of any gate or mixture that picks per label;
+- prompts     the zero-shot backbone with one prompt ("a photo of a {}.") and with the label name
+              alone, against the default pool of 85 templates;
+- size        the paper's head with other depths and query counts (L, Nq), alone and plus w x zero-shot;
 - joint       the head trained with the zero-shot term inside the loss (fixed w), instead of alone;
 - distill     a zero-shot-preserving term: the head's scores on a fixed vocabulary (the 1,000
               ImageNet class names, fixed independently of the unseen list; 17 of the 79 unseen labels
-              of seed 0 are ImageNet names) pulled towards the backbone's own (per-image Pearson);
+              of seed 0 are ImageNet names) pulled towards the backbone's own (per-image Pearson); each
+              head also plus w times the zero-shot scores, w on the test grid as for `weights`;
 - losses      BCE and the pairwise ranking loss against ASL, for the paper's head;
 - curve       seen concepts 25 / 50 / 100 (the same unseen concepts and test scenes): how transfer grows
               with the number of seen concepts, for the projection-only head and the paper's head.
@@ -30,7 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-ABLATIONS = ("weights", "joint", "distill", "losses", "curve")
+ABLATIONS = ("weights", "oracle", "prompts", "size", "joint", "distill", "losses", "curve")
+WEIGHTS = (0, 1, 2, 4, 8, 16, 32, 64, 128)  # zero-shot weights scored on the test set (an upper bound)
 
 
 def _tensor(a):
@@ -118,19 +126,64 @@ def head_scores(t: Tokens, head) -> np.ndarray:
 
 def ablate_weights(t: Tokens, work: Path, log) -> list[dict]:
     """The paper's head from the benchmark run, plus w x zero-shot, for a grid of w (test-selected)."""
+
+    head = _trained_head_scores(t, work / "run_qks_paper")
+    rows = []
+    for w in WEIGHTS:
+        rows.append({"weight": w, **t.metrics(head + w * t.zs_test)})
+        log(f"    w={w:<4} {rows[-1]}")
+    return rows
+
+
+def _trained_head_scores(t: Tokens, run_dir: Path) -> np.ndarray:
+    """Test scores of a benchmark run's head alone (without its zero-shot term, if it has one)."""
     import torch
 
     from qks.checkpoint import load_checkpoint, model_from_checkpoint
     from qks.scoring import score
 
-    model = model_from_checkpoint(load_checkpoint(work / "run_qks_paper" / "best.pt"), backbone=t.split.backbone)
+    model = model_from_checkpoint(load_checkpoint(run_dir / "best.pt"), backbone=t.split.backbone)
+    model.eval()
     with torch.no_grad():
-        head = torch.cat([score(model.head_features(t.xt[i:i + 200]), t.emb) for i in range(0, len(t.xt), 200)])
-    head = head.numpy()
+        return torch.cat([score(model.head_features(t.xt[i:i + 200]), t.emb) for i in range(0, len(t.xt), 200)]).numpy()
+
+
+def ablate_oracle(t: Tokens, work: Path, log) -> list[dict]:
+    """Per unseen label: the trained head's AP against zero-shot's, on the ZSL images."""
+    from qks.metrics import average_precision_per_label, zsl_selection
+
+    images, labels = zsl_selection(t.split.targets, t.split.unseen_mask)
+    y = t.split.targets[np.ix_(images, labels)]
+    zs = average_precision_per_label(t.zs_test[np.ix_(images, labels)], y)
     rows = []
-    for w in (0, 1, 2, 4, 8, 16, 32, 64, 128):
-        rows.append({"weight": w, **t.metrics(head + w * t.zs_test)})
-        log(f"    w={w:<4} {rows[-1]}")
+    for run in ("run_projection_only", "run_qks_paper"):
+        head = average_precision_per_label(_trained_head_scores(t, work / run)[np.ix_(images, labels)], y)
+        rows.append({"run": run, "labels": len(labels), "head_map": round(100 * float(head.mean()), 2),
+                     "zero_shot_map": round(100 * float(zs.mean()), 2),
+                     "oracle_map": round(100 * float(np.maximum(head, zs).mean()), 2),
+                     "head_better_labels": int((head > zs).sum())})
+        log(f"    {rows[-1]}")
+    return rows
+
+
+def ablate_prompts(t: Tokens, args, log) -> list[dict]:
+    rows = []
+    for name, prompts in (("default pool (85)", None), ("a photo of a {}.", ["a photo of a {}."]), ("{}", ["{}"])):
+        rows.append({"prompts": name, **t.metrics(t.split.zero_shot_scores(t.label_cache, prompts))})
+        log(f"    {rows[-1]}")
+    return rows
+
+
+def ablate_size(t: Tokens, args, log) -> list[dict]:
+    rows = []
+    for layers, queries in args.sizes:
+        head = train_head(t, _head(layers, argparse.Namespace(**{**vars(args), "queries": queries})), args.lr,
+                          args.epochs, args.seed)
+        scores = head_scores(t, head)
+        rows.append({"layers": layers, "queries": queries, **t.metrics(scores),
+                     "plus_zero_shot": [{"weight": w, **t.metrics(scores + w * t.zs_test)} for w in WEIGHTS[1:]]})
+        best = max(rows[-1]["plus_zero_shot"], key=lambda r: r["zsl_map"])
+        log(f"    L={layers} Nq={queries}: {_alone(rows[-1])}; best test-selected w: {best}")
     return rows
 
 
@@ -173,9 +226,16 @@ def ablate_distill(t: Tokens, args, log) -> list[dict]:
     for name, layers, lr in (("projection_only", 0, args.proj_lr), ("qks_paper", args.layers, args.lr)):
         for term in (None, pearson):
             head = train_head(t, _head(layers, args), lr, args.epochs, args.seed, extra=term)
-            rows.append({"head": name, "distill": term is not None, **t.metrics(head_scores(t, head))})
-            log(f"    {name} distill={term is not None}: {rows[-1]}")
+            scores = head_scores(t, head)
+            rows.append({"head": name, "distill": term is not None, **t.metrics(scores),
+                         "plus_zero_shot": [{"weight": w, **t.metrics(scores + w * t.zs_test)} for w in WEIGHTS[1:]]})
+            best = max(rows[-1]["plus_zero_shot"], key=lambda r: r["zsl_map"])
+            log(f"    {name} distill={term is not None}: {_alone(rows[-1])}; best test-selected w: {best}")
     return rows
+
+
+def _alone(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k != "plus_zero_shot"}
 
 
 def ablate_losses(t: Tokens, args, log) -> list[dict]:
@@ -221,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test", type=int, default=DEFAULTS["test"])
     p.add_argument("--joint-weights", type=float, nargs="+", default=[8.0, 16.0])
     p.add_argument("--distill-weight", type=float, default=1.0)
+    p.add_argument("--sizes", type=lambda v: tuple(int(x) for x in v.split("x")), nargs="+",
+                   default=[(1, 12), (2, 4), (2, 24)], help="head sizes LxNq for `size` (default 1x12 2x4 2x24)")
     p.add_argument("--concepts", type=int, nargs="+", default=[25, 50, 100])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path, default=None)
@@ -240,12 +302,13 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.only:
         log(f"[{name}]")
         t0 = time.perf_counter()
-        if name == "weights":
-            results[name] = ablate_weights(t, work, log)
+        if name in ("weights", "oracle"):
+            results[name] = {"weights": ablate_weights, "oracle": ablate_oracle}[name](t, work, log)
         elif name == "curve":
             results[name] = ablate_curve(args, log)
         else:
-            results[name] = {"joint": ablate_joint, "distill": ablate_distill, "losses": ablate_losses}[name](t, args, log)
+            results[name] = {"prompts": ablate_prompts, "size": ablate_size, "joint": ablate_joint,
+                             "distill": ablate_distill, "losses": ablate_losses}[name](t, args, log)
         results[f"{name}_seconds"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(results, indent=1))
     if args.json:
