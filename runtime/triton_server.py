@@ -335,7 +335,15 @@ def _cli(repo, address, http_port, grpc_port, metrics_port, no_metrics, model_co
     raise ServerError(f"tritonserver exited with code {code} (its log is above)")
 
 
+def _stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM raise KeyboardInterrupt, so the server is stopped with this process: also
+    where the shell started it with SIGINT ignored (a background job, `cmd &`), which Python keeps."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> None:
+    _stop_on_signals()
     try:
         _cli.main(args=argv, prog_name="qks-triton-server", standalone_mode=False)
     except (KeyboardInterrupt, click.exceptions.Abort):

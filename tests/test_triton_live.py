@@ -9,6 +9,7 @@ by its own pid whatever happens. Skipped, with the reason, when the serving envi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -314,9 +315,11 @@ def test_a_model_that_cannot_load_stops_the_start_with_its_reason(runtime_bundle
     assert server.proc is None
 
 
-def test_the_serving_environment_and_its_command(runtime_bundle, pyrepo_live, tmp_path):
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_the_serving_environment_and_its_command(runtime_bundle, pyrepo_live, tmp_path, stop):
     """.venv-serve has no torch (nor onnx: it cannot write repositories, and says so in one line), and
-    its qks-triton-server serves a repository on 127.0.0.1 until Ctrl-C, which stops the server too."""
+    its qks-triton-server serves a repository on 127.0.0.1 until Ctrl-C or SIGTERM, which stop the
+    server too: also when it was started with SIGINT ignored, as a shell's background job is."""
     import re
     import signal
     import subprocess
@@ -333,7 +336,9 @@ def test_the_serving_environment_and_its_command(runtime_bundle, pyrepo_live, tm
     assert r.returncode == 1 and "needs the onnx package: pip install 'qks[triton]'" in r.stderr
     assert r.stderr.count("error") == 1 and "Traceback" not in r.stderr
     cli = subprocess.Popen([str(bin_dir / "qks-triton-server"), str(pyrepo_live), "--http-port", "0", "--grpc-port", "0",
-                            "--no-metrics"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            "--no-metrics"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    pid = None
     try:
         line = ""
         while "serving" not in line:
@@ -343,12 +348,16 @@ def test_the_serving_environment_and_its_command(runtime_bundle, pyrepo_live, tm
         pid = int(re.search(r"\(pid (\d+)\)", line)[1])
         with urllib.request.urlopen(f"http://{url}/v2/health/ready", timeout=10) as resp:
             assert resp.status == 200
-        cli.send_signal(signal.SIGINT)  # Ctrl-C
-        rest = cli.stderr.read()
-        assert cli.wait(60) == 0 and "qks-triton-server: stopped" in rest
+        cli.send_signal(getattr(signal, stop))  # Ctrl-C, or a service manager's stop
+        assert cli.wait(60) == 0  # before reading: a server left running would hold stderr open
+        assert "qks-triton-server: stopped" in cli.stderr.read()
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)  # the tritonserver it started is gone with it
+        pid = None
     finally:
         if cli.poll() is None:
             cli.kill()
-            cli.wait(30)
+        if pid is not None:  # a tritonserver left behind would keep its ports and stderr
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        cli.wait(30)
