@@ -124,10 +124,9 @@ def head_scores(t: Tokens, head) -> np.ndarray:
         return torch.cat([score(head(t.xt[i:i + 200]), t.emb) for i in range(0, len(t.xt), 200)]).numpy()
 
 
-def ablate_weights(t: Tokens, work: Path, log) -> list[dict]:
+def ablate_weights(t: Tokens, args, log) -> list[dict]:
     """The paper's head from the benchmark run, plus w x zero-shot, for a grid of w (test-selected)."""
-
-    head = _trained_head_scores(t, work / "run_qks_paper")
+    head = _trained_head_scores(t, _seed_dir(args) / "run_qks_paper")
     rows = []
     for w in WEIGHTS:
         rows.append({"weight": w, **t.metrics(head + w * t.zs_test)})
@@ -148,7 +147,7 @@ def _trained_head_scores(t: Tokens, run_dir: Path) -> np.ndarray:
         return torch.cat([score(model.head_features(t.xt[i:i + 200]), t.emb) for i in range(0, len(t.xt), 200)]).numpy()
 
 
-def ablate_oracle(t: Tokens, work: Path, log) -> list[dict]:
+def ablate_oracle(t: Tokens, args, log) -> list[dict]:
     """Per unseen label: the trained head's AP against zero-shot's, on the ZSL images."""
     from qks.metrics import average_precision_per_label, zsl_selection
 
@@ -157,7 +156,7 @@ def ablate_oracle(t: Tokens, work: Path, log) -> list[dict]:
     zs = average_precision_per_label(t.zs_test[np.ix_(images, labels)], y)
     rows = []
     for run in ("run_projection_only", "run_qks_paper"):
-        head = average_precision_per_label(_trained_head_scores(t, work / run)[np.ix_(images, labels)], y)
+        head = average_precision_per_label(_trained_head_scores(t, _seed_dir(args) / run)[np.ix_(images, labels)], y)
         rows.append({"run": run, "labels": len(labels), "head_map": round(100 * float(head.mean()), 2),
                      "zero_shot_map": round(100 * float(zs.mean()), 2),
                      "oracle_map": round(100 * float(np.maximum(head, zs).mean()), 2),
@@ -179,11 +178,8 @@ def ablate_size(t: Tokens, args, log) -> list[dict]:
     for layers, queries in args.sizes:
         head = train_head(t, _head(layers, argparse.Namespace(**{**vars(args), "queries": queries})), args.lr,
                           args.epochs, args.seed)
-        scores = head_scores(t, head)
-        rows.append({"layers": layers, "queries": queries, **t.metrics(scores),
-                     "plus_zero_shot": [{"weight": w, **t.metrics(scores + w * t.zs_test)} for w in WEIGHTS[1:]]})
-        best = max(rows[-1]["plus_zero_shot"], key=lambda r: r["zsl_map"])
-        log(f"    L={layers} Nq={queries}: {_alone(rows[-1])}; best test-selected w: {best}")
+        rows.append(_with_zero_shot(t, head_scores(t, head), log, f"L={layers} Nq={queries}", layers=layers,
+                                    queries=queries))
     return rows
 
 
@@ -226,16 +222,22 @@ def ablate_distill(t: Tokens, args, log) -> list[dict]:
     for name, layers, lr in (("projection_only", 0, args.proj_lr), ("qks_paper", args.layers, args.lr)):
         for term in (None, pearson):
             head = train_head(t, _head(layers, args), lr, args.epochs, args.seed, extra=term)
-            scores = head_scores(t, head)
-            rows.append({"head": name, "distill": term is not None, **t.metrics(scores),
-                         "plus_zero_shot": [{"weight": w, **t.metrics(scores + w * t.zs_test)} for w in WEIGHTS[1:]]})
-            best = max(rows[-1]["plus_zero_shot"], key=lambda r: r["zsl_map"])
-            log(f"    {name} distill={term is not None}: {_alone(rows[-1])}; best test-selected w: {best}")
+            rows.append(_with_zero_shot(t, head_scores(t, head), log, f"{name} distill={term is not None}",
+                                        head=name, distill=term is not None))
     return rows
 
 
-def _alone(row: dict) -> dict:
-    return {k: v for k, v in row.items() if k != "plus_zero_shot"}
+def _with_zero_shot(t: Tokens, scores: np.ndarray, log, name: str, **row) -> dict:
+    """`row` with the head's metrics alone and plus w x zero-shot for the test grid of w (logged with
+    the w best on ZSL mAP)."""
+    alone = {**row, **t.metrics(scores)}
+    plus = [{"weight": w, **t.metrics(scores + w * t.zs_test)} for w in WEIGHTS[1:]]
+    log(f"    {name}: {alone}; best test-selected w: {max(plus, key=lambda r: r['zsl_map'])}")
+    return {**alone, "plus_zero_shot": plus}
+
+
+def _seed_dir(args) -> Path:
+    return args.work / f"seed{args.seed}"
 
 
 def ablate_losses(t: Tokens, args, log) -> list[dict]:
@@ -247,7 +249,7 @@ def ablate_losses(t: Tokens, args, log) -> list[dict]:
     return rows
 
 
-def ablate_curve(args, log) -> list[dict]:
+def ablate_curve(t: Tokens | None, args, log) -> list[dict]:
     from benchmarks.scenes import SceneConfig, ensure
 
     rows = []
@@ -291,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    work = args.work / f"seed{args.seed}"
+    work = _seed_dir(args)
     if not (work / "scenes" / "scenes.json").is_file():
         print(f"error: {work} holds no benchmarks.real_data run (run it with --work {args.work} first)", file=sys.stderr)
         return 2
@@ -299,16 +301,12 @@ def main(argv: list[str] | None = None) -> int:
     t = Tokens(work / "scenes", work, log) if set(args.only) - {"curve"} else None
     if t is not None:
         results["zero_shot"] = t.metrics(t.zs_test)
+    ablate = {"weights": ablate_weights, "oracle": ablate_oracle, "prompts": ablate_prompts, "size": ablate_size,
+              "joint": ablate_joint, "distill": ablate_distill, "losses": ablate_losses, "curve": ablate_curve}
     for name in args.only:
         log(f"[{name}]")
         t0 = time.perf_counter()
-        if name in ("weights", "oracle"):
-            results[name] = {"weights": ablate_weights, "oracle": ablate_oracle}[name](t, work, log)
-        elif name == "curve":
-            results[name] = ablate_curve(args, log)
-        else:
-            results[name] = {"prompts": ablate_prompts, "size": ablate_size, "joint": ablate_joint,
-                             "distill": ablate_distill, "losses": ablate_losses}[name](t, args, log)
+        results[name] = ablate[name](t, args, log)
         results[f"{name}_seconds"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(results, indent=1))
     if args.json:
