@@ -284,8 +284,10 @@ def test_worker_side_error_is_one_line(ray_local, runtime_bundle, mess, tmp_path
     assert ours[0].startswith("qks-ray-infer: error: backend ort-cuda cannot run: this onnxruntime has no "
                               "CUDAExecutionProvider (pip install 'qks[gpu]')"), res.stderr
     assert "Traceback" not in res.stderr and "File \"" not in res.stderr, res.stderr
-    if "Ray's messages are in " in ours[0]:  # the worker's traceback is kept for whoever debugs it
+    if "Ray's messages are in " in ours[0]:  # what Ray printed is kept for whoever debugs it, not lost
         log = Path(ours[0].split("Ray's messages are in ")[1].rstrip(")"))
-        assert "EngineError" in log.read_text()
+        # Not its content: which of Ray's messages (the worker's traceback, a raylet's RPC notice) reach
+        # the driver before it stops depends on timing (a clean-clone run got only the RPC notice).
+        assert log.read_text().strip()
         log.unlink()
     assert not out.exists() and not (tmp_path / "o.jsonl.partial").exists()
