@@ -36,11 +36,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _tool(name: str) -> str:
-    cand = Path(sys.executable).parent / name
-    return str(cand) if cand.exists() else name
-
-
 def _run(cmd: list[str], env: dict) -> float:
     print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
     t0 = time.perf_counter()
@@ -117,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--show", type=int, default=5, help="scenes to print (default %(default)s)")
     args = p.parse_args(argv)
 
-    from benchmarks.real_data import DEFAULTS, chance_metrics, metrics
+    from benchmarks.real_data import DEFAULTS, chance_metrics, console_script, metrics
     from benchmarks.scenes import SceneConfig, StampsUnavailable, ensure
 
     t_start = time.perf_counter()
@@ -147,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     print("== 2. training the QKS head on the seen labels (frozen lite backbone, cached tokens)")
     shutil.rmtree(run, ignore_errors=True)
     times["train"] = _run([
-        _tool("qks-train"), "--data", str(data / "train.jsonl"), "--seen", str(data / "seen.txt"),
+        console_script("qks-train"), "--data", str(data / "train.jsonl"), "--seen", str(data / "seen.txt"),
         "--unseen", str(data / "unseen.txt"), "--backbone", "lite", "--cached-tokens", "--out", str(run),
         "--layers", str(DEFAULTS["layers"]), "--queries", str(DEFAULTS["queries"]), "--ffn", str(DEFAULTS["ffn"]),
         "--lr", str(DEFAULTS["lr"]), "--epochs", str(args.epochs), "--batch-size", str(DEFAULTS["batch_size"]),
@@ -155,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3. export ----------------------------------------------------------------------------------
     print("== 3. exporting the bundle")
-    times["export"] = _run([_tool("qks-export"), "--ckpt", str(run / "best.pt"), "--out", str(bundle),
+    times["export"] = _run([console_script("qks-export"), "--ckpt", str(run / "best.pt"), "--out", str(bundle),
                             "--label-cache", str(label_cache), "-q"], env)
 
     # 4. infer -----------------------------------------------------------------------------------
@@ -164,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"== 4. qks-infer over {data / 'images' / 'test'} with {labels_file} "
           f"({len(seen)} seen + {len(unseen)} never-trained labels)")
     times["infer"] = _run([
-        _tool("qks-infer"), str(data / "images" / "test"), "--bundle", str(bundle), "--labels", str(labels_file),
+        console_script("qks-infer"), str(data / "images" / "test"), "--bundle", str(bundle), "--labels", str(labels_file),
         "--all-scores", "--backend", "ort-cpu", "--threads", threads, "--workers", "1", "--out", str(preds),
         "--overwrite", "--no-progress"], env)
 
@@ -194,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     # 6. bench -----------------------------------------------------------------------------------
     print("== 6. qks-bench on the bundle (ONNX Runtime CPU)")
     times["bench"] = _run([
-        _tool("qks-bench"), "--bundle", str(bundle), "--backends", "ort-cpu", "--precision", "fp32",
+        console_script("qks-bench"), "--bundle", str(bundle), "--backends", "ort-cpu", "--precision", "fp32",
         "--batch-sizes", "1,8", "--iters", "5", "--warmup", "1", "--e2e-batches", "3",
         "--images", str(data / "images" / "test"), "--threads", threads, "--workers", "1",
         "--labels", str(labels_file), "--out", str(out / "bench.json"), "--quiet"], env)

@@ -203,7 +203,7 @@ def train_and_score(split: Split, run_dir: Path, settings: dict, seed: int, labe
     return logits, info
 
 
-def _tool(name: str) -> str:
+def console_script(name: str) -> str:
     """The console script installed beside this interpreter (the venv's), else on PATH."""
     cand = Path(sys.executable).parent / name
     return str(cand) if cand.exists() else name
@@ -215,11 +215,11 @@ def export_and_infer(split: Split, ckpt: Path, work: Path, threads: int, label_c
     bundle, preds = work / "bundle", work / "bundle_predictions.jsonl"
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     t0 = time.perf_counter()
-    cmd = [_tool("qks-export"), "--ckpt", str(ckpt), "--out", str(bundle), "--label-cache", str(label_cache), "-q"]
+    cmd = [console_script("qks-export"), "--ckpt", str(ckpt), "--out", str(bundle), "--label-cache", str(label_cache), "-q"]
     log("    $ " + " ".join(cmd))
     subprocess.run(cmd, check=True, env=env)
     t_export = time.perf_counter() - t0
-    cmd = [_tool("qks-infer"), str(split.data / "images" / "test"), "--bundle", str(bundle), "--labels",
+    cmd = [console_script("qks-infer"), str(split.data / "images" / "test"), "--bundle", str(bundle), "--labels",
            str(split.data / "labels.txt"), "--all-scores", "--backend", "ort-cpu", "--precision", "fp32",
            "--threads", str(threads), "--workers", "1", "--batch-size", "16", "--out", str(preds), "--overwrite",
            "--no-progress"]

@@ -115,13 +115,19 @@ def train_head(t: Tokens, head, lr: float, epochs: int, seed: int, loss: str = "
 
 
 def head_scores(t: Tokens, head) -> np.ndarray:
+    """Test scores of `head` (a trained QueryHead) against every label."""
+    head.eval()
+    return _test_scores(t, head)
+
+
+def _test_scores(t: Tokens, features) -> np.ndarray:
+    """max-over-queries scores of `features` (test tokens -> query features) on every label, in batches."""
     import torch
 
     from qks.scoring import score
 
-    head.eval()
     with torch.no_grad():
-        return torch.cat([score(head(t.xt[i:i + 200]), t.emb) for i in range(0, len(t.xt), 200)]).numpy()
+        return torch.cat([score(features(t.xt[i:i + 200]), t.emb) for i in range(0, len(t.xt), 200)]).numpy()
 
 
 def ablate_weights(t: Tokens, args, log) -> list[dict]:
@@ -136,15 +142,10 @@ def ablate_weights(t: Tokens, args, log) -> list[dict]:
 
 def _trained_head_scores(t: Tokens, run_dir: Path) -> np.ndarray:
     """Test scores of a benchmark run's head alone (without its zero-shot term, if it has one)."""
-    import torch
-
     from qks.checkpoint import load_checkpoint, model_from_checkpoint
-    from qks.scoring import score
 
-    model = model_from_checkpoint(load_checkpoint(run_dir / "best.pt"), backbone=t.split.backbone)
-    model.eval()
-    with torch.no_grad():
-        return torch.cat([score(model.head_features(t.xt[i:i + 200]), t.emb) for i in range(0, len(t.xt), 200)]).numpy()
+    model = model_from_checkpoint(load_checkpoint(run_dir / "best.pt"), backbone=t.split.backbone)  # eval mode
+    return _test_scores(t, model.head_features)
 
 
 def ablate_oracle(t: Tokens, args, log) -> list[dict]:

@@ -310,9 +310,10 @@ def _read_data(run: _Run, progress: bool, log) -> _Data:
         raise TrainError(f"cannot resume {run.out}: {o.data} changed since the run started")
     trained, held_out = hold_out_concepts(seen, o.val_concepts, o.seed)
     train_rows, val_rows = split_validation(len(manifest.samples), o.val_fraction, o.seed)
-    index = {name: j for j, name in enumerate(held_out)}
-    shows = np.array([(s.targets(index) > 0).any() for s in manifest.samples], dtype=bool)
-    transfer = transfer_rows(shows, o.seed) if held_out and len(val_rows) else np.arange(0)
+    transfer = np.arange(0)
+    if held_out and len(val_rows):
+        index = {name: j for j, name in enumerate(held_out)}
+        transfer = transfer_rows(np.array([(s.targets(index) > 0).any() for s in manifest.samples]), o.seed)
     topk = o.topk or DEFAULT_TOPK.get(o.recipe, (3, 5))
     return _Data(templates, seen, unseen, trained, held_out, manifest, manifest_sha, train_rows, val_rows,
                  transfer, topk)
@@ -344,10 +345,15 @@ def _datasets(model: QKSModel, d: _Data, o: TrainOptions, out: Path, device: tor
         pp = model.backbone.preprocess
 
         def make(rows, labels, transform=eval_transform(pp)):
-            return ManifestDataset([d.manifest.samples[i] for i in rows], labels, transform)
+            return _images(d, rows, labels, transform)
 
         train_ds, workers = make(d.train_rows, d.trained, train_transform(pp)), o.workers
     return train_ds, make(d.val_rows, d.trained), make(d.transfer_rows, d.held_out), workers
+
+
+def _images(d: _Data, rows, labels: list[str], transform) -> ManifestDataset:
+    """These manifest rows as images, with targets over `labels`."""
+    return ManifestDataset([d.manifest.samples[i] for i in rows], labels, transform)
 
 
 def _train_epoch(model, loader, emb, loss_fn, optimizer, o: TrainOptions, device, epoch: int, progress: bool) -> float:
@@ -392,8 +398,7 @@ def _set_zero_shot_offset(model, train_ds, d: _Data, o: TrainOptions, emb, devic
     if o.cached_tokens:
         ds = torch.utils.data.Subset(train_ds, range(n))
     else:
-        ds = ManifestDataset([d.manifest.samples[i] for i in d.train_rows[:n]], d.trained,
-                             eval_transform(model.backbone.preprocess))
+        ds = _images(d, d.train_rows[:n], d.trained, eval_transform(model.backbone.preprocess))
     feats = []
     for inputs, _ in _loader(ds, o.batch_size, None, workers, 0, device):
         inputs = inputs.to(device)

@@ -85,7 +85,7 @@ def cached_run(ds, tmp_path_factory):
     return out
 
 
-def test_train_with_cached_tokens_writes_checkpoints_and_log(cached_run):
+def test_train_with_cached_tokens_writes_checkpoints_and_log(ds, cached_run):
     for name in ("best.pt", "last.pt", "metrics.jsonl", "run.json", "tokens.npy"):
         assert (cached_run / name).is_file(), name
     last = torch.load(cached_run / "last.pt", map_location="cpu", weights_only=True)
@@ -107,6 +107,10 @@ def test_train_with_cached_tokens_writes_checkpoints_and_log(cached_run):
     assert (run["train_images"], run["val_images"]) == (18, 6)
     # One of the five seen labels (10 %, at least one) is held out of training, the same for a seed.
     assert len(run["held_out_concepts"]) == 1 and run["held_out_concepts"][0] in SEEN and run["trained"] == 4
+    # It is scored on every image that shows it, training images included, not only the 6 validation ones.
+    lines = [json.loads(x) for x in (ds / "train.jsonl").read_text().splitlines()]
+    shows = sum(run["held_out_concepts"][0] in line["labels"] for line in lines)
+    assert run["held_out_images"] == val["held_out"]["images"] == shows > 6
 
 
 def test_train_from_images_with_augmentation(ds, tmp_path):

@@ -75,14 +75,20 @@ def test_validate_picks_the_weight_that_scores_best():
 
 
 def test_validate_balances_the_parts_relative_to_their_best():
-    """A part with a larger score range does not decide the weight alone."""
-    rng = np.random.default_rng(1)
+    """A part with a larger score range does not decide the weight alone: on these parts (seed 34) the
+    plain sum of the part scores would take 1 x the scale weight, the relative rule takes 0.5 x."""
+    rng = np.random.default_rng(34)
     n = 300
     t_tr = np.where(rng.random((n, 8)) < 0.3, 1, -1)
     t_ho = np.where(rng.random((n, 4)) < 0.3, 1, -1)
     trained = (t_tr * 1.0 + rng.normal(size=(n, 8)), rng.normal(size=(n, 8)), t_tr)
     held = (rng.normal(size=(n, 4)), t_ho + rng.normal(size=(n, 4)), t_ho)
+    scale = scale_weight(trained[0], trained[1])
+    plain = max(WEIGHT_GRID, key=lambda m: sum(part_metrics(h + m * scale * z, t, (1, 3))["score"]
+                                               for h, z, t in (trained, held)))
+    assert plain == 1.0
     rec = validate(trained, held, (1, 3))
+    assert rec["zero_shot_weight"] == pytest.approx(0.5 * scale)
     alone = validate(trained, None, (1, 3))
     assert rec["zero_shot_weight"] > alone["zero_shot_weight"]  # the held-out concepts pull the weight up
 
