@@ -31,15 +31,15 @@ const char* other_format(const std::string& d) {
     return nullptr;
 }
 
-void check_size(std::uint64_t w, std::uint64_t h) {
+}  // namespace
+
+void check_image_size(std::uint64_t w, std::uint64_t h) {
     const std::uint64_t pixels = w * h;  // both < 2^32: no overflow
     if (pixels > 2 * kMaxImagePixels) image_error("image too large (decompression bomb limit)");
     if (pixels > kMaxImagePixels)
         image_error("image too large: " + std::to_string(w) + " x " + std::to_string(h) + " pixels (limit " +
                     std::to_string(kMaxImagePixels) + ": PIL.Image.MAX_IMAGE_PIXELS)");
 }
-
-}  // namespace
 
 RgbImage to_rgb(const PilImage& img) {
     RgbImage out;
@@ -120,14 +120,18 @@ RgbImage load_rgb(const std::string& path) {
         if (e == ELOOP) image_error("symbolic link loop");
         image_error(std::string("cannot read file: ") + std::strerror(e));
     }
+    return decode_rgb(data, check_image_size);
+}
+
+RgbImage decode_rgb(const std::string& data, const SizeCheck& check) {
     PilImage img;
     try {
         if (looks_like_jpeg(data)) {
-            img = decode_jpeg(data, check_size);
+            img = decode_jpeg(data, check);
         } else if (looks_like_png(data)) {
-            img = decode_png(data, check_size);
+            img = decode_png(data, check);
         } else if (looks_like_gif(data)) {
-            img = decode_gif(data, check_size);
+            img = decode_gif(data, check);
         } else if (const char* fmt = other_format(data)) {
             image_error(std::string("cannot decode image: a ") + fmt + " file (qks-tag reads JPEG, PNG and GIF; qks-infer reads it)");
         } else {

@@ -38,6 +38,10 @@ RgbImage exif_transpose(RgbImage img, int orientation);
 // qks.images.to_rgb without a background: Pillow's convert("RGB") (alpha dropped), I;16 scaled.
 RgbImage to_rgb(const PilImage& img);
 
+// Pillow's decompression-bomb limits on a header's size (the SizeCheck load_rgb uses).
+void check_image_size(std::uint64_t width, std::uint64_t height);
+// File bytes -> RGB with EXIF orientation applied (load_rgb after reading the file).
+RgbImage decode_rgb(const std::string& data, const SizeCheck& check);
 // A file -> RGB with EXIF orientation applied, exactly as the Python runtime decodes it.
 // Throws qks::Error(Status::image, the record's error text).
 RgbImage load_rgb(const std::string& path);

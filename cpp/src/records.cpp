@@ -76,12 +76,12 @@ struct Walker {
 // A dict of name -> value as Python builds it: a repeated name keeps its first place, last value.
 std::string json_object(const std::vector<std::pair<std::string, float>>& items) {
     std::vector<std::pair<std::string, float>> dict;
-    for (const auto& [k, v] : items) {
-        auto it = std::find_if(dict.begin(), dict.end(), [&](const auto& e) { return e.first == k; });
+    for (const auto& item : items) {  // not a structured binding: clang (the fuzz build) cannot capture one
+        auto it = std::find_if(dict.begin(), dict.end(), [&](const auto& e) { return e.first == item.first; });
         if (it == dict.end()) {
-            dict.emplace_back(k, v);
+            dict.push_back(item);
         } else {
-            it->second = v;
+            it->second = item.second;
         }
     }
     std::string o = "{";

@@ -1,0 +1,132 @@
+"""The differential check: files through libqks's image pipeline (qks_fuzz_pixels, the fuzz build)
+and through Pillow + the Python runtime's preprocessing (qks.runtime.infer.decode_image), which
+must agree: the same float32 tensor bit for bit, or an error on both sides (with the same text,
+reported separately).
+
+    python cpp/fuzz/differential.py [--save DIR] [--driver BIN] PATH...   # files or folders
+
+Why a batch driver and not the Python side inside the fuzzer: an embedded interpreter would run
+Pillow's C code in the fuzz process, where ASan, libFuzzer's leak and memory checks and its coverage
+feedback would all count Pillow's behaviour as ours, and every execution would pay for the GIL and
+numpy. Replaying the corpora the coverage-guided targets grew (every input that reached new code)
+through both sides tests exactly the inputs that matter, at Pillow's full speed, with no coupling.
+
+Exit status 0: no divergence beyond KNOWN; 1: divergences (listed, and copied to --save).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+DRIVER = ROOT / "cpp" / "build-fuzz" / "fuzz" / "qks_fuzz_pixels"
+BATCH = 200
+
+# qks-tag names the formats it does not read (BMP, TIFF, WebP, ...) in its error; qks-infer reads them.
+OTHER_FORMAT = "(qks-tag reads JPEG, PNG and GIF; qks-infer reads it)"
+# Inputs whose difference is Pillow's accident, not ours: sha256 of the file -> why (FUZZING.md).
+KNOWN: dict[str, str] = {}
+
+
+@dataclass
+class Outcome:
+    tensor_sha: str | None = None
+    error: str | None = None
+    skipped: bool = False
+
+    def kind(self) -> str:
+        return "skipped" if self.skipped else "error" if self.error is not None else "tensor"
+
+
+def cpp_outcomes(driver: Path, files: list[Path]) -> list[Outcome]:
+    out = []
+    for i in range(0, len(files), BATCH):
+        batch = files[i:i + BATCH]
+        res = subprocess.run([str(driver), *map(str, batch)], capture_output=True, text=True,
+                             env={"ASAN_OPTIONS": "detect_leaks=1", "UBSAN_OPTIONS": "halt_on_error=1"})
+        if res.returncode != 0:  # a sanitizer report or a crash: find the file it happened on
+            done = len(res.stdout.splitlines())
+            raise SystemExit(f"qks_fuzz_pixels failed on {batch[done]} (exit {res.returncode}):\n{res.stderr[-3000:]}")
+        for line in res.stdout.splitlines():
+            r = json.loads(line)
+            out.append(Outcome(r.get("sha256"), r["error"], r["skipped"]))
+    return out
+
+
+def python_outcome(path: Path) -> Outcome:
+    from qks.runtime.infer import decode_image
+    from qks.runtime.preprocess import Preprocess
+
+    size = path.stat().st_size
+    squash = size % 2 == 1  # as fuzz_image.cpp and qks_fuzz_pixels choose
+    pp = Preprocess(size=24, resize_mode="squash" if squash else "shortest",
+                    interpolation="bilinear" if squash else "bicubic")
+    _, pixels, error = decode_image(None, str(path), pp)
+    if error is not None:
+        return Outcome(error=error)
+    return Outcome(tensor_sha=hashlib.sha256(pixels.astype("float32").tobytes()).hexdigest())
+
+
+def collect(paths: list[str]) -> list[Path]:
+    files = []
+    for p in map(Path, paths):
+        files += sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    return files
+
+
+def compare(files: list[Path], driver: Path) -> dict[str, list]:
+    """{"agree": [...], "text": [(file, py, cpp)], "diverge": [(file, py, cpp)], "skipped": [...], "known": [...]}"""
+    result = {k: [] for k in ("agree", "text", "diverge", "skipped", "known", "other_format")}
+    for f, c in zip(files, cpp_outcomes(driver, files), strict=True):
+        if c.skipped or (c.error or "").endswith(OTHER_FORMAT):
+            result["skipped" if c.skipped else "other_format"].append(f)
+            continue
+        p = python_outcome(f)
+        digest = hashlib.sha256(f.read_bytes()).hexdigest()
+        if p.kind() == c.kind() == "tensor" and p.tensor_sha == c.tensor_sha:
+            result["agree"].append(f)
+        elif p.kind() == c.kind() == "error":
+            result["agree" if p.error == c.error else "text"].append(f if p.error == c.error else (f, p, c))
+        elif digest in KNOWN:
+            result["known"].append(f)
+        else:
+            result["diverge"].append((f, p, c))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("paths", nargs="+")
+    ap.add_argument("--driver", type=Path, default=DRIVER)
+    ap.add_argument("--save", type=Path, help="copy every diverging input here (named by its sha256)")
+    args = ap.parse_args(argv)
+    if not args.driver.is_file():
+        print(f"differential: no {args.driver}: run cpp/scripts/fuzz.sh build", file=sys.stderr)
+        return 2
+    files = collect(args.paths)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow's DecompressionBombWarning, palette notes
+        r = compare(files, args.driver)
+    for f, p, c in r["diverge"]:
+        print(f"DIVERGE {f}: python {p.kind()} {p.error or p.tensor_sha} / c++ {c.kind()} {c.error or c.tensor_sha}")
+        if args.save:
+            args.save.mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, args.save / hashlib.sha256(f.read_bytes()).hexdigest()[:16])
+    for f, p, c in r["text"]:
+        print(f"TEXT {f}: python {p.error!r} / c++ {c.error!r}")
+    print(f"differential: {len(files)} files: {len(r['agree'])} agree, {len(r['diverge'])} diverge, "
+          f"{len(r['text'])} errors with other texts, {len(r['known'])} known differences, "
+          f"{len(r['skipped'])} above the fuzz pixel cap, {len(r['other_format'])} in formats qks-tag names")
+    return 1 if r["diverge"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+#!/bin/sh
+# The libFuzzer targets of libqks (cpp/fuzz, FUZZING.md). Called by `make fuzz` and `make fuzz-build`.
+#
+#   cpp/scripts/fuzz.sh build                 # clang-16 + libfuzzer-16-dev (apt-get), then cpp/build-fuzz
+#   cpp/scripts/fuzz.sh run [SECONDS] [TARGET...]
+#       each target for SECONDS (default 180) in turn; corpora grow in .cache/fuzz/corpus/<target>
+#       (seeded from .cache/fuzz/seeds, made by cpp/fuzz/seeds.py), crashes go to
+#       .cache/fuzz/findings/<target>/, logs to .cache/fuzz/logs/, and one line per run to
+#       .cache/fuzz/runs.tsv: target, wall s, CPU s, executions, edges (cov), features (ft), corpus,
+#       findings. FUZZ_BIN=DIR runs the binaries in DIR. FUZZ_FORK=1 keeps going after a finding (libFuzzer's -fork=1 -ignore_crashes=1).
+#
+# Exit status: 0 done (run: no finding); 1 a target found something; 3 clang/libFuzzer cannot be
+# installed here (the reason is printed and written to cpp/.deps/FUZZ_UNAVAILABLE; the fuzz tests skip).
+set -u
+here=$(cd "$(dirname "$0")/../.." && pwd)
+build="$here/cpp/build-fuzz"
+cache="$here/.cache/fuzz"
+TARGETS="fuzz_jpeg fuzz_png fuzz_gif fuzz_image_any fuzz_exif fuzz_npy fuzz_bundle fuzz_labels fuzz_records"
+
+unavailable() {
+    mkdir -p "$here/cpp/.deps"
+    echo "note: fuzz targets not built: $1" >&2
+    echo "$1" > "$here/cpp/.deps/FUZZ_UNAVAILABLE"
+    exit 3
+}
+
+deps() {
+    rm -f "$here/cpp/.deps/FUZZ_UNAVAILABLE"
+    sh "$here/cpp/scripts/deps.sh" || unavailable "the C++ build dependencies are missing (cpp/scripts/deps.sh)"
+    missing=""
+    for p in clang-16 libfuzzer-16-dev; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+    done
+    [ -z "$missing" ] && return 0
+    command -v apt-get >/dev/null 2>&1 || unavailable "no apt-get to install$missing"
+    [ "$(id -u)" = 0 ] || unavailable "installing$missing needs root (apt-get)"
+    echo "fuzz: apt-get install$missing" >&2
+    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null 2>&1; then
+        apt-get update -qq >/dev/null 2>&1
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null 2>&1 ||
+            unavailable "apt-get could not install:$missing"
+    fi
+}
+
+do_build() {
+    deps
+    CC=clang-16 CXX=clang++-16 cmake -S "$here/cpp" -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+        "-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-O1 -g" "-DCMAKE_C_FLAGS_RELWITHDEBINFO=-O1 -g" \
+        -DQKS_FUZZ=ON -DQKS_WERROR=ON >/dev/null || exit 1
+    cmake --build "$build" -j"${CPP_JOBS:-2}" -- --no-print-directory || exit 1
+}
+
+dict_of() {
+    case "$1" in
+        fuzz_jpeg) echo jpeg ;; fuzz_png) echo png ;; fuzz_gif) echo gif ;; fuzz_image_any) echo image ;;
+        fuzz_exif) echo exif ;; fuzz_npy) echo npy ;; fuzz_bundle) echo bundle ;; fuzz_labels) echo labels ;;
+        fuzz_records) echo records ;;
+    esac
+}
+
+# The last status line of a libFuzzer log: "#N ... cov: E ft: F corp: C".
+stats() {
+    grep -E '^#[0-9]+.*cov: [0-9]+ ft: [0-9]+' "$1" | tail -1 |
+        sed -E 's/^#([0-9]+):?[[:space:]]*[A-Z]*[[:space:]]*cov: ([0-9]+) ft: ([0-9]+) corp: ([0-9]+).*/\1\t\2\t\3\t\4/'
+}
+
+run() {
+    seconds=${1:-180}
+    [ $# -gt 0 ] && shift
+    targets=${*:-$TARGETS}
+    bin=${FUZZ_BIN:-$build/fuzz}  # a copy, for a long campaign while the build changes
+    [ -d "$cache/seeds/fuzz_jpeg" ] || "$here/.venv/bin/python" "$here/cpp/fuzz/seeds.py" "$cache/seeds" ||
+        { echo "fuzz: cannot make the seed corpora (make venv first)" >&2; exit 1; }
+    status=0
+    for t in $targets; do
+        [ -x "$bin/$t" ] || { echo "fuzz: no $bin/$t: run cpp/scripts/fuzz.sh build" >&2; exit 1; }
+        mkdir -p "$cache/corpus/$t" "$cache/findings/$t" "$cache/logs"
+        log="$cache/logs/$t-$(date +%Y%m%d-%H%M%S).log"
+        fork=""
+        [ "${FUZZ_FORK:-0}" = 1 ] && fork="-fork=1 -ignore_crashes=1 -ignore_timeouts=1 -ignore_ooms=1"
+        before=$(ls "$cache/findings/$t" | wc -l)
+        # -rss_limit_mb: a decode above the harness's pixel cap is skipped, so 2 GB means a leak or a bomb
+        /usr/bin/time -f "%e %U %S" -o "$log.time" "$bin/$t" $fork -max_total_time="$seconds" \
+            -timeout=25 -rss_limit_mb=2048 -max_len=200000 -print_final_stats=1 \
+            -dict="$here/cpp/fuzz/dict/$(dict_of "$t").dict" -artifact_prefix="$cache/findings/$t/" \
+            "$cache/corpus/$t" "$cache/seeds/$t" > "$log" 2>&1
+        rc=$?
+        after=$(ls "$cache/findings/$t" | wc -l)
+        read -r wall user sys < "$log.time" || true
+        cpu=$(echo "$user $sys" | awk '{printf "%.0f", $1 + $2}')
+        line="$t\t${wall%.*}\t$cpu\t$(stats "$log")\t$((after - before))"
+        printf "$line\n" >> "$cache/runs.tsv"
+        printf "fuzz: $line  (log: $log)\n" >&2
+        if [ $rc -ne 0 ] || [ "$after" -ne "$before" ]; then
+            status=1
+            echo "fuzz: $t found something: see $log and $cache/findings/$t/" >&2
+        fi
+    done
+    exit $status
+}
+
+case "${1:-}" in
+    build) do_build ;;
+    deps) deps ;;
+    run) shift; run "$@" ;;
+    *) echo "usage: $0 build | run [SECONDS] [TARGET...]" >&2; exit 2 ;;
+esac
