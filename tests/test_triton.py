@@ -554,7 +554,7 @@ def test_external_data_is_copied(bundle_copy, tmp_path):
 
 
 def test_without_tritonclient_writing_works_and_says_validation_was_skipped(bundle_copy, tmp_path, monkeypatch):
-    import qks.export.triton as tri
+    import qks.export.triton.common as tri
 
     monkeypatch.setattr(tri, "tritonclient_missing", lambda: "tritonclient is not installed (pip install 'qks[triton]')")
     code, out, err = _cli([bundle_copy, tmp_path / "repo"])
@@ -579,3 +579,40 @@ def test_plan_with_fp16_output_gets_an_fp16_scoring_input(bundle_copy, tmp_path)
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
     assert model.graph.node[0].op_type == "Cast"
     assert validate_repository(tmp_path / "repo") == []
+
+
+def test_the_triton_package_has_no_import_cycle():
+    """export/triton/: its modules import each other one way (checked on the source, every import
+    anywhere in a module, lazy ones included), and the public names stay importable from the package."""
+    import ast
+
+    import qks.export.triton as package
+
+    folder = Path(package.__file__).parent
+    mods = {p.stem for p in folder.glob("*.py")} - {"__init__"}
+    graph = {}
+    for m in mods:
+        tree = ast.parse((folder / f"{m}.py").read_text(encoding="utf-8"))
+        deps = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                deps |= {node.module} if node.module else {a.name for a in node.names}
+        graph[m] = deps & mods
+    order, state = [], {}
+
+    def visit(m, path):
+        assert state.get(m) != "open", f"import cycle: {' -> '.join(path + [m])}"
+        if state.get(m) == "done":
+            return
+        state[m] = "open"
+        for d in sorted(graph[m]):
+            visit(d, path + [m])
+        state[m] = "done"
+        order.append(m)
+
+    for m in sorted(mods):
+        visit(m, [])
+    assert order.index("common") < order.index("validate") < order.index("python_repo") < order.index("cli")
+    for name in ("check_target", "tritonclient_missing", "write_repository", "validate_repository", "main",
+                 "write_python_repository", "scoring_model"):
+        assert callable(getattr(package, name))

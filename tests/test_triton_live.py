@@ -33,7 +33,7 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 
 def _missing_serving_environment() -> str | None:
-    from qks.runtime.triton_server import ServerError, find_install
+    from qks.serving.triton_server import ServerError, find_install
 
     try:
         find_install(SERVE_VENV / "bin" / "python")
@@ -86,7 +86,7 @@ def pyrepo_live(runtime_bundle, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(pyrepo_live):
-    from qks.runtime.triton_server import TritonServer
+    from qks.serving.triton_server import TritonServer
 
     with TritonServer(pyrepo_live, python=_serve_python()) as s:
         yield s
@@ -241,7 +241,7 @@ def test_label_swap_while_serving(runtime_bundle, photos, tmp_path, clients):
     """--labels-only, then load_model in explicit mode, with two clients sending requests all along:
     no request fails, the old labels are served until the reload, the new ones after it, and the new
     probabilities are qks-infer's for the new labels."""
-    from qks.runtime.triton_server import TritonServer
+    from qks.serving.triton_server import TritonServer
 
     python = _serve_python()
     repo = _repo(runtime_bundle, tmp_path / "repo")
@@ -288,7 +288,7 @@ def test_label_swap_while_serving(runtime_bundle, photos, tmp_path, clients):
 def test_a_broken_reload_is_refused_and_the_old_model_keeps_serving(runtime_bundle, photos, expected, tmp_path,
                                                                      clients):
     """load_model on a damaged folder: HTTP 400 with the model's own reason; the loaded model stays."""
-    from qks.runtime.triton_server import TritonServer
+    from qks.serving.triton_server import TritonServer
 
     repo = _repo(runtime_bundle, tmp_path / "repo")
     # exit_timeout 2: after a refused reload Triton 2.51 waits its whole exit timeout when stopped
@@ -303,7 +303,7 @@ def test_a_broken_reload_is_refused_and_the_old_model_keeps_serving(runtime_bund
 
 
 def test_a_model_that_cannot_load_stops_the_start_with_its_reason(runtime_bundle, tmp_path):
-    from qks.runtime.triton_server import ServerError, TritonServer
+    from qks.serving.triton_server import ServerError, TritonServer
 
     repo = _repo(runtime_bundle, tmp_path / "repo")
     (repo / "qks" / "1" / "image_encoder.onnx").unlink()

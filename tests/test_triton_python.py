@@ -22,7 +22,7 @@ pytest.importorskip("onnx")
 @pytest.fixture(scope="module")
 def pyrepo(runtime_bundle, tmp_path_factory) -> Path:
     """The Python-backend repository of the shared bundle (read-only: copy it to change it)."""
-    from qks.export.triton_python import write_python_repository
+    from qks.export.triton import write_python_repository
 
     out = tmp_path_factory.mktemp("pytriton") / "repo"
     report = write_python_repository(runtime_bundle, out)
@@ -64,7 +64,7 @@ def test_repository_files_and_config(pyrepo, runtime_bundle):
     assert (pyrepo / "qks" / "1" / "image_encoder.onnx").read_bytes() == bundle.graphs["image_encoder"].path.read_bytes()
     spec = json.loads((pyrepo / "qks" / "1" / "qks-model.json").read_text())
     assert spec["graph"]["sha256"] == bundle.graphs["image_encoder"].sha256 and spec["preprocess"]["size"] == 32
-    assert "from qks.runtime.triton_model import TritonPythonModel" in (pyrepo / "qks" / "1" / "model.py").read_text()
+    assert "from qks.serving.triton_model import TritonPythonModel" in (pyrepo / "qks" / "1" / "model.py").read_text()
     marker = json.loads((pyrepo / "qks-triton.json").read_text())
     assert (marker["backend"], marker["models"], marker["scoring"]["labels"]) == ("python", {"model": "qks"}, 5)
     assert validate_repository(pyrepo) == []
@@ -75,7 +75,7 @@ def test_repository_files_and_config(pyrepo, runtime_bundle):
 def test_serving_model_matches_qks_infer(pyrepo, runtime_bundle, photo_dir, tmp_path):
     """The model Triton runs, called directly: pixels and encoded files give qks-infer's probabilities."""
     from qks.runtime.bundle import Bundle
-    from qks.runtime.triton_model import QksServingModel, RequestError, serve_batch
+    from qks.serving.triton_model import QksServingModel, RequestError, serve_batch
 
     want = qks_infer_scores(runtime_bundle, photo_dir, tmp_path / "scores.jsonl")
     files = sorted(want)
@@ -115,7 +115,7 @@ def test_serving_model_matches_qks_infer(pyrepo, runtime_bundle, photo_dir, tmp_
     ("spec", "qks-model.json is missing"),
 ])
 def test_damaged_model_folder_is_refused_in_one_line(pyrepo, tmp_path, damage, expect):
-    from qks.runtime.triton_model import QksServingModel, ServingError
+    from qks.serving.triton_model import QksServingModel, ServingError
 
     folder = tmp_path / "qks"
     shutil.copytree(pyrepo / "qks", folder)
@@ -155,7 +155,7 @@ def test_validation_catches_python_model_problems(pyrepo, tmp_path):
 
 
 def test_labels_only_rewrites_the_model_with_new_labels(bundle_copy, photo_dir, tmp_path):
-    from qks.runtime.triton_model import QksServingModel
+    from qks.serving.triton_model import QksServingModel
 
     repo = tmp_path / "repo"
     assert triton_cli([bundle_copy, repo, "--backend", "python", "-q"])[0] == 0
@@ -240,7 +240,7 @@ def test_tritonclient_without_grpc_names_the_extra(tiny_checkpoint, runtime_bund
 
 
 def test_qks_triton_server_without_the_serving_stack_says_what_to_install(pyrepo):
-    from qks.runtime.triton_server import main
+    from qks.serving.triton_server import main
 
     if subprocess.run([sys.executable, "-c", "import pytriton"], capture_output=True).returncode == 0:
         pytest.skip("this environment has nvidia-pytriton (the test needs one without it)")
@@ -253,7 +253,7 @@ def test_qks_triton_server_without_the_serving_stack_says_what_to_install(pyrepo
 def test_image_decoding_matches_the_runtime_for_every_format(pyrepo, runtime_bundle, tmp_path):
     """Encoded bytes decode to the pixels qks-infer's Preprocess.load gives for the same file."""
     from qks.runtime.bundle import Bundle
-    from qks.runtime.triton_model import QksServingModel
+    from qks.serving.triton_model import QksServingModel
     from runtime_fixtures import photo
 
     pp = Bundle.load(runtime_bundle).preprocess

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import click
 
-INSTALL_HINT = "make serve-venv (or pip install 'qks[serve]' in a virtual environment of its own: it pins numpy<2)"
+INSTALL_HINT = "make serve-venv (or pip install 'qks[triton-server]' in a virtual environment of its own: it pins numpy<2)"
 MODEL_CONTROL_MODES = ("explicit", "poll", "none")
 STOP_TIMEOUT_S = 20.0
 

@@ -1,12 +1,12 @@
 """`qks-triton --backend python BUNDLE REPO`: one Triton Python-backend model that runs the torch-free
-runtime (`qks.runtime.triton_model`), for Triton servers without the onnxruntime backend -- the one
+runtime (`qks.serving.triton_model`), for Triton servers without the onnxruntime backend -- the one
 `nvidia-pytriton` bundles (`make serve-venv`, `qks-triton-server`) -- and for clients that send
 encoded images instead of preprocessed pixels.
 
     REPO/
       qks-triton.json          what was written, from which bundle (backend "python")
-      NAME/                    see qks.runtime.triton_model for the folder and its inputs/outputs
-        config.pbtxt           written by qks.export.triton.python_config (the one config writer)
+      NAME/                    see qks.serving.triton_model for the folder and its inputs/outputs
+        config.pbtxt           written by qks.export.triton.config.python_config
         labels.txt
         1/model.py, 1/qks-model.json, 1/<image graph>.onnx, 1/labels.npy
 
@@ -17,7 +17,7 @@ encoded images instead of preprocessed pixels.
   bundle, checked by sha256) and swaps it in atomically; in explicit model-control mode Triton
   serves the old labels until `load_model` has loaded the new ones.
 - Writes are whole or nothing, and REPO is replaced only if it is a qks-triton repository, as for
-  the ONNX repository (qks.export.triton).
+  the ONNX repository (qks.export.triton.onnx_repo).
 """
 
 from __future__ import annotations
@@ -28,15 +28,33 @@ from pathlib import Path
 
 import numpy as np
 
-from . import triton as tri
-from .triton import TritonError, TritonReport
+from .common import (
+    DEFAULT_MAX_BATCH,
+    FORMAT,
+    MARKER,
+    MARKER_VERSION,
+    TritonError,
+    TritonReport,
+    check_target,
+    copy_graph,
+    external_data,
+    load_bank,
+    load_bundle,
+    model_names,
+    now,
+    staging,
+    swap,
+    write_marker,
+)
+from .config import python_config, write_config
+from .validate import validate_or_raise
 
 PRECISION = {"auto": "auto", "onnx": "fp32", "fp16": "fp16", "int8": "int8"}
 MODEL_PY = '''"""qks on Triton's Python backend (written by qks-triton --backend python). The code is
-qks.runtime.triton_model from the qks installed in the Python that runs this model."""
+qks.serving.triton_model from the qks installed in the Python that runs this model."""
 
 try:
-    from qks.runtime.triton_model import TritonPythonModel  # noqa: F401
+    from qks.serving.triton_model import TritonPythonModel  # noqa: F401
 except ImportError as e:
     raise ImportError(f"this model needs qks in the Python that Triton's python backend runs ({e}); "
                       "use the serving environment (make serve-venv, then qks-triton-server)") from None
@@ -45,8 +63,8 @@ except ImportError as e:
 
 def choose_graph(bundle, image_model: str = "auto"):
     """The bundle's ONNX image graph the Python-backend model runs, as qks-infer's ort-cpu picks it."""
-    from ..engines.base import EngineError
-    from ..runtime.backend import _ort_graph
+    from ...engines.base import EngineError
+    from ...runtime.backend import _ort_graph
 
     if image_model == "plan":
         raise TritonError("--backend python runs ONNX graphs with ONNX Runtime; a TensorRT plan needs Triton's "
@@ -66,7 +84,7 @@ def choose_graph(bundle, image_model: str = "auto"):
 def _spec(bundle, graph, bank, max_batch: int, graph_file: str) -> dict:
     from qks import __version__
 
-    from ..runtime import triton_model as tm
+    from ...serving import triton_model as tm
 
     mode, k = bundle.scoring
     precision = "fp16" if graph.precision == "fp16" or graph.name.endswith("fp16") else graph.precision
@@ -80,32 +98,32 @@ def _spec(bundle, graph, bank, max_batch: int, graph_file: str) -> dict:
 
 def _write_model(folder: Path, name: str, bundle, graph, bank, max_batch: int) -> dict:
     """NAME/: config, labels, model.py, spec, graph, bank. Returns the marker's record of it."""
-    from ..runtime import triton_model as tm
-    from ..runtime.manifest import sha256_file
+    from ...runtime.manifest import sha256_file
+    from ...serving import triton_model as tm
 
     version = folder / "1"
     graph_file = Path(graph.file).name
-    tri.copy_graph(graph.path, version, graph_file, tri._external_data(graph.path))
+    copy_graph(graph.path, version, graph_file, external_data(graph.path))
     (version / "model.py").write_text(MODEL_PY, encoding="utf-8")
     np.save(version / tm.BANK_FILE, np.ascontiguousarray(bank.embeddings, dtype=np.float32), allow_pickle=False)
     (folder / tm.LABELS_FILE).write_text("".join(n + "\n" for n in bank.names), encoding="utf-8")
     spec = _spec(bundle, graph, bank, max_batch, graph_file)
     spec["bank"]["sha256"] = sha256_file(version / tm.BANK_FILE)
     (version / tm.SPEC_FILE).write_text(json.dumps(spec, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    cfg = tri.python_config(name, graph.inputs[0], len(bank.names), max_batch)
-    tri._write_config(folder, cfg, f"qks-triton {tri._now()}: qks.runtime on Triton's python backend; "
+    cfg = python_config(name, graph.inputs[0], len(bank.names), max_batch)
+    write_config(folder, cfg, f"qks-triton {now()}: qks.runtime on Triton's python backend; "
                       f"{graph_file} ({spec['graph']['precision']}), {len(bank.names)} labels ({bank.source})\n"
                       f"bundle: {bundle.root}")
     return {"image_model": {"kind": "onnx", "graph": graph.name, "file": graph_file, "sha256": graph.sha256,
                             "precision": spec["graph"]["precision"], "max_batch_size": int(max_batch)},
             "scoring": {"labels": len(bank.names), "bank": bank.source, "bank_key": bank.key,
                         "dim": spec["bank"]["dim"], "mode": spec["scoring"]["mode"], "k": spec["scoring"]["k"],
-                        "written": tri._now()}}
+                        "written": now()}}
 
 
 def _marker(name: str, bundle, model: dict) -> dict:
-    return {"format": tri.FORMAT, "version": tri.MARKER_VERSION, "backend": "python", "name": name,
-            "models": {"model": name}, "written": tri._now(), "bundle": str(bundle.root), **model}
+    return {"format": FORMAT, "version": MARKER_VERSION, "backend": "python", "name": name,
+            "models": {"model": name}, "written": now(), "bundle": str(bundle.root), **model}
 
 
 def write_python_repository(bundle_dir, repo, *, labels=None, bank=None, name: str = "qks", image_model: str = "auto",
@@ -113,20 +131,20 @@ def write_python_repository(bundle_dir, repo, *, labels=None, bank=None, name: s
     """Write REPO with one Python-backend model NAME for a bundle (see the module docstring)."""
     log = log or (lambda msg: None)
     repo = Path(repo)
-    tri._names(name)  # the name's rules
+    model_names(name)  # the name's rules
     if max_batch is not None and max_batch < 1:
         raise TritonError(f"--max-batch must be >= 1 (got {max_batch})")
-    tri.check_target(repo)
-    bundle = tri._load_bundle(bundle_dir)
+    check_target(repo)
+    bundle = load_bundle(bundle_dir)
     graph = choose_graph(bundle, image_model)
-    lbank = tri._load_bank(bundle, labels, bank)
-    max_batch = max_batch or tri.DEFAULT_MAX_BATCH
+    lbank = load_bank(bundle, labels, bank)
+    max_batch = max_batch or DEFAULT_MAX_BATCH
     log(f"model {name}: {graph.file} on ONNX Runtime in Triton's python backend, max_batch_size {max_batch}")
-    with tri._staging(repo, "qks-triton") as tmp:
+    with staging(repo, "qks-triton") as tmp:
         model = _write_model(tmp / name, name, bundle, graph, lbank, max_batch)
-        tri.write_marker(tmp, _marker(name, bundle, model))
-        validated = tri._validate_or_raise(tmp)
-        tri._swap(tmp, repo, repo.absolute().parent / f".{repo.name}.old-{os.getpid()}")
+        write_marker(tmp, _marker(name, bundle, model))
+        validated = validate_or_raise(tmp)
+        swap(tmp, repo, repo.absolute().parent / f".{repo.name}.old-{os.getpid()}")
     return TritonReport(repo, name, {"model": name}, None, len(lbank.names), lbank.source, validated)
 
 
@@ -135,45 +153,17 @@ def write_python_labels_only(bundle_dir, repo: Path, marker: dict, *, labels=Non
     log = log or (lambda msg: None)
     name, img = marker.get("name"), marker.get("image_model") or {}
     if not name or marker.get("models") != {"model": name} or not img.get("graph"):
-        raise TritonError(f"{repo / tri.MARKER}: incomplete record; regenerate the repository")
-    bundle = tri._load_bundle(bundle_dir)
+        raise TritonError(f"{repo / MARKER}: incomplete record; regenerate the repository")
+    bundle = load_bundle(bundle_dir)
     graph = bundle.graphs.get(img["graph"])
     if graph is None or graph.sha256 != img.get("sha256"):
         raise TritonError(f"{repo}'s image model ({img.get('file')}) is not from this bundle; labels for it must be "
                           "encoded with its own bundle (or regenerate the whole repository)")
-    lbank = tri._load_bank(bundle, labels, bank)
-    with tri._staging(repo, "qks-triton-labels") as tmp:
+    lbank = load_bank(bundle, labels, bank)
+    with staging(repo, "qks-triton-labels") as tmp:
         model = _write_model(tmp / name, name, bundle, graph, lbank, int(img["max_batch_size"]))
-        validated = tri._validate_or_raise(tmp, models=[name])
-        tri._swap(tmp / name, repo / name, tmp / "old")
-        tri.write_marker(repo, {**marker, **model, "written": model["scoring"]["written"]})
+        validated = validate_or_raise(tmp, models=[name])
+        swap(tmp / name, repo / name, tmp / "old")
+        write_marker(repo, {**marker, **model, "written": model["scoring"]["written"]})
     log(f"model {name}: {len(lbank.names)} labels ({lbank.source}) -> {repo / name}")
     return TritonReport(repo, name, {"model": name}, None, len(lbank.names), lbank.source, validated)
-
-
-def model_problems(model_dir: Path, cfg, versions: list[str]) -> list[str]:
-    """A qks Python-backend model's own files, for validate_repository: the spec, the files it names,
-    and the label count against the bank and the config's outputs."""
-    from ..runtime import triton_model as tm
-
-    problems = []
-    folder = model_dir.name
-    for v in versions:
-        try:
-            spec = tm.read_spec(model_dir / v)
-        except tm.ServingError as e:
-            if (model_dir / v / tm.SPEC_FILE).exists():
-                problems.append(f"{folder}/{v}: {e}")
-            continue  # another Python model: not ours to check
-        for key in ("graph", "bank"):
-            rel = (spec.get(key) or {}).get("file")
-            if not rel or not (model_dir / v / rel).is_file():
-                problems.append(f"{folder}/{v}: {tm.SPEC_FILE} names {key} file {rel!r}, which is missing")
-        bank = model_dir / v / tm.BANK_FILE
-        labels = model_dir / tm.LABELS_FILE
-        if bank.is_file() and labels.is_file():
-            rows = np.load(bank, mmap_mode="r", allow_pickle=False).shape[0]
-            n = len(labels.read_text(encoding="utf-8").splitlines())
-            if rows != n:
-                problems.append(f"{folder}: {tm.LABELS_FILE} has {n} labels, {v}/{tm.BANK_FILE} has {rows} rows")
-    return problems

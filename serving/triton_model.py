@@ -5,7 +5,7 @@
     REPO/NAME/
       config.pbtxt             backend "python", dynamic batching, inputs and outputs below
       labels.txt               the label names, one a line (also Triton's classification labels)
-      1/model.py               `from qks.runtime.triton_model import TritonPythonModel`
+      1/model.py               `from qks.serving.triton_model import TritonPythonModel`
       1/qks-model.json         SPEC: the image graph, preprocessing, scoring, label bank (+ sha256s)
       1/<image graph>.onnx     the bundle's image graph (ONNX Runtime, CPU)
       1/labels.npy             the label bank, float32 [L, D]
@@ -81,7 +81,7 @@ def read_spec(version_dir: Path) -> dict:
 
 def _checked_file(version_dir: Path, rec: dict) -> Path:
     """A file the spec names, inside the version folder, with the sha256 it records."""
-    from .manifest import BundleError, check_relpath, sha256_file
+    from ..runtime.manifest import BundleError, check_relpath, sha256_file
 
     try:
         path = Path(version_dir) / check_relpath(rec["file"])
@@ -95,8 +95,8 @@ def _checked_file(version_dir: Path, rec: dict) -> Path:
 
 
 def _read_labels(path: Path) -> list[str]:
-    from .bundle import read_names
-    from .manifest import BundleError
+    from ..runtime.bundle import read_names
+    from ..runtime.manifest import BundleError
 
     try:
         return read_names(path)
@@ -109,7 +109,7 @@ def _read_labels(path: Path) -> list[str]:
 def _open_engine(graph_path: Path, precision: str, threads: int | None):
     from ..engines.base import EngineError
     from ..engines.ort import OrtEngine
-    from .backend import FP16_ORT_OPTIONS
+    from ..runtime.backend import FP16_ORT_OPTIONS
 
     try:
         return OrtEngine(graph_path, "cpu", intra_op_threads=threads,
@@ -125,9 +125,9 @@ class QksServingModel:
     """A qks-triton Python-backend model folder, loaded: pixels or encoded images -> probabilities, logits."""
 
     def __init__(self, model_dir: str | Path, version: str = "1", threads: int | None = None):
-        from .bundle import load_npy
-        from .manifest import BundleError
-        from .preprocess import Preprocess
+        from ..runtime.bundle import load_npy
+        from ..runtime.manifest import BundleError
+        from ..runtime.preprocess import Preprocess
 
         version_dir = Path(model_dir) / version
         spec = read_spec(version_dir)
@@ -157,7 +157,7 @@ class QksServingModel:
 
     def decode(self, blob) -> np.ndarray:
         """One encoded image file (bytes) -> pixels [3, S, S]; RequestError with the decoder's reason."""
-        from .preprocess import PreprocessError
+        from ..runtime.preprocess import PreprocessError
 
         data = bytes(blob) if not isinstance(blob, bytes) else blob
         if not data:
@@ -192,8 +192,8 @@ class QksServingModel:
 
     def score(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """pixels [N, 3, S, S] -> (probabilities [N, L], logits [N, L], finite [N]): qks-infer's numbers."""
-        from .scoring import logits as score_logits
-        from .scoring import sigmoid
+        from ..runtime.scoring import logits as score_logits
+        from ..runtime.scoring import sigmoid
 
         qf = self.query_features(self.check_pixels(pixels))
         lg = score_logits(qf, self.embeddings, self.mode, self.k).astype(np.float32)
