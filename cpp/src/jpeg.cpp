@@ -52,8 +52,9 @@ unsigned byte_at(const std::string& s, std::size_t o) {  // IndexError (-> not i
 
 std::string segment(Reader& r) {  // n = i16(fp.read(2)) - 2; ImageFile._safe_read(fp, n)
     long long n = static_cast<long long>(i16(r.read(2))) - 2;
+    if (n <= 0) return "";  // a length field of 0 or 1: _safe_read reads nothing (not the rest)
     std::string s = r.read(n);
-    if (n >= 0 && static_cast<long long>(s.size()) < n) decode_error("Truncated File Read");
+    if (static_cast<long long>(s.size()) < n) decode_error("Truncated File Read");
     return s;
 }
 
