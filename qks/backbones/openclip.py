@@ -9,6 +9,7 @@ same model). Without a third part it is `openai`, as in the paper.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from pathlib import Path
 
@@ -16,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Preprocess, module_fingerprint
+from .base import Preprocess, ZeroShotRule, module_fingerprint
+from .towers import tower_for
 
 # Random-initialised backbones are built under this seed so a spec always names the same weights:
 # a checkpoint trained on `...:none` reloads onto the backbone it was trained with.
@@ -64,7 +66,7 @@ def _resolve_arch(open_clip, arch: str) -> str:
 
 
 class OpenClipBackbone(nn.Module):
-    """Image tokens are the last transformer layer after the post-LayerNorm, CLS first."""
+    """A frozen open_clip model; its image tower goes through the adapter of its family (`towers.py`)."""
 
     def __init__(self, arch: str, pretrained: str | None = "openai", spec: str | None = None):
         super().__init__()
@@ -77,28 +79,20 @@ class OpenClipBackbone(nn.Module):
                 torch.manual_seed(RANDOM_INIT_SEED)
             with _quiet_random_init():
                 model = open_clip.create_model(name, pretrained=pretrained, weights_only=True)
-        visual = model.visual
-        if not hasattr(visual, "_embeds") or getattr(visual, "attn_pool", None) is not None:
-            raise ValueError(f"{arch}: only open_clip ViT image towers without attention pooling are supported")
-        if getattr(visual, "final_ln_after_pool", False):
-            raise ValueError(f"{arch}: towers with final_ln_after_pool are not supported")
-        model.eval().requires_grad_(False)
+        model = _reparameterize(model.eval())
+        model.requires_grad_(False)
         self.model = model
+        self.tower = tower_for(model.visual, arch)
         self.spec = spec or f"openclip:{arch}:{pretrained or 'none'}"
-        self.token_dim = visual.ln_post.normalized_shape[0]
-        self.embed_dim = visual.output_dim
-        self._tokenizer = open_clip.get_tokenizer(name)
-        self.context_length = self._tokenizer.context_length
-        cfg = open_clip.get_model_preprocess_cfg(model)
-        size = cfg["size"]
-        size = size[0] if isinstance(size, (tuple, list)) else size
-        self.preprocess = Preprocess(
-            size=int(size),
-            resize_mode=cfg.get("resize_mode", "shortest"),
-            interpolation=cfg.get("interpolation", "bicubic"),
-            mean=tuple(float(v) for v in cfg["mean"]),
-            std=tuple(float(v) for v in cfg["std"]),
-        )
+        self.family = self.tower.family
+        self.prefix_tokens = self.tower.prefix_tokens
+        self._tokenizer = _tokenizer(open_clip, name, arch)
+        self.context_length = int(self._tokenizer.context_length)
+        self.preprocess = _preprocess(open_clip, model, arch)
+        with torch.no_grad():  # the tower's shapes, from one image (this also tells a conv tower its grid)
+            probe = self.tower.tokens(torch.zeros(1, 3, self.preprocess.size, self.preprocess.size))
+            self.token_dim = int(probe.shape[-1])
+            self.embed_dim = int(self.tower.pool(probe).shape[-1])
         self._text_fp: str | None = None
 
     def train(self, mode: bool = True):
@@ -106,10 +100,7 @@ class OpenClipBackbone(nn.Module):
         return super().train(False)
 
     def image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
-        visual = self.model.visual
-        x = visual._embeds(pixels)
-        x = visual.transformer(x)
-        return visual.ln_post(x)
+        return self.tower.tokens(pixels)
 
     def encode_text(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.model.encode_text(token_ids, normalize=False)
@@ -118,17 +109,22 @@ class OpenClipBackbone(nn.Module):
         return self._tokenizer(list(texts))
 
     def projection(self) -> torch.Tensor | None:
-        proj = self.model.visual.proj
-        return None if proj is None else proj.detach().clone()
+        return self.tower.projection()
 
     def zero_shot_features(self, tokens: torch.Tensor) -> torch.Tensor:
-        """CLIP's own image embedding (`encode_image`: the tower's pooling of these tokens, then its frozen
-        visual projection), L2-normalised as CLIP scores labels by cosine. [B, 1, D]"""
-        visual = self.model.visual
-        pooled, _ = visual._global_pool(tokens)
-        if visual.proj is not None:
-            pooled = pooled @ visual.proj
-        return F.normalize(pooled, dim=-1).unsqueeze(1)
+        """The model's own image embedding (`encode_image`: the tower's pooling of these tokens and its
+        projection), L2-normalised as CLIP and SigLIP score labels by cosine. [B, 1, D]"""
+        return F.normalize(self.tower.pool(tokens), dim=-1).unsqueeze(1)
+
+    def zero_shot_rule(self) -> ZeroShotRule:
+        """How the model itself scores an image against a text: SigLIP-trained models (a learned logit
+        bias) as `sigmoid(scale * cos + bias)`, calibrated per label; CLIP-trained ones as `scale * cos`,
+        whose sigmoid is not a calibrated probability (their loss is a softmax over a batch)."""
+        scale = float(self.model.logit_scale.detach().exp())
+        bias = getattr(self.model, "logit_bias", None)
+        if bias is not None:
+            return ZeroShotRule("sigmoid", scale, float(bias.detach()), calibrated=True, normalize=True)
+        return ZeroShotRule("softmax", scale, 0.0, calibrated=False, normalize=True)
 
     def text_fingerprint(self) -> str:
         if self._text_fp is None:
@@ -140,10 +136,59 @@ class OpenClipBackbone(nn.Module):
         return self._text_fp
 
     def tokenizer_json(self) -> str:
-        """open_clip's tokenizer as Hugging Face `tokenizers` JSON (see `clip_tokenizer`)."""
-        from .clip_tokenizer import build_clip_tokenizer_json
+        """open_clip's tokenizer as Hugging Face `tokenizers` JSON (CLIP BPE or a Hugging Face tokenizer)."""
+        try:  # TEMPORARY until hf_tokenizer lands
+            from .hf_tokenizer import tokenizer_json_for
+        except ImportError:
+            from .clip_tokenizer import build_clip_tokenizer_json as tokenizer_json_for
 
-        return build_clip_tokenizer_json(self._tokenizer)
+        return tokenizer_json_for(self._tokenizer)
+
+
+def _reparameterize(model: nn.Module) -> nn.Module:
+    """Fold reparameterizable blocks (MobileCLIP's FastViT/MobileOne) into their inference form: the same
+    function, fewer branches in the exported graph."""
+    if not any(hasattr(m, "reparameterize") for m in model.modules()):
+        return model
+    from timm.utils.model import reparameterize_model
+
+    return reparameterize_model(model, inplace=True)
+
+
+def _tokenizer(open_clip, name: str, arch: str):
+    """open_clip's tokenizer for the model. A model-config JSON may name a Hugging Face tokenizer folder
+    relative to itself (`text_cfg.hf_tokenizer_name`), so a config and its tokenizer travel together."""
+    if arch.endswith(".json"):
+        text_cfg = json.loads(Path(arch).read_text(encoding="utf-8")).get("text_cfg", {})
+        hf_name = text_cfg.get("hf_tokenizer_name")
+        if hf_name and (Path(arch).parent / hf_name).is_dir():
+            return open_clip.HFTokenizer(str((Path(arch).parent / hf_name).resolve()),
+                                         context_length=text_cfg.get("context_length", 77),
+                                         **text_cfg.get("tokenizer_kwargs", {}))
+    try:
+        return open_clip.get_tokenizer(name)
+    except Exception as e:  # a Hugging Face tokenizer that is not in the local cache, offline
+        raise ValueError(f"{arch}: its tokenizer cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                         "Hugging Face tokenizers are downloaded once from the hub") from None
+
+
+def _preprocess(open_clip, model, arch: str) -> Preprocess:
+    cfg = open_clip.get_model_preprocess_cfg(model)
+    size = cfg["size"]
+    if isinstance(size, (tuple, list)):
+        if size[0] != size[1]:
+            raise ValueError(f"{arch}: non-square input {tuple(size)} is not supported")
+        size = size[0]
+    mode = cfg.get("resize_mode", "shortest")
+    if mode not in ("shortest", "squash"):
+        raise ValueError(f"{arch}: resize mode {mode!r} is not supported (shortest, squash)")
+    return Preprocess(
+        size=int(size),
+        resize_mode=mode,
+        interpolation=cfg.get("interpolation", "bicubic"),
+        mean=tuple(float(v) for v in cfg["mean"]),
+        std=tuple(float(v) for v in cfg["std"]),
+    )
 
 
 def create(arg: str, spec: str) -> OpenClipBackbone:
