@@ -90,18 +90,42 @@ def _ftfy_normalizers() -> list[dict]:
     return steps
 
 
+def basic_clean_normalizers() -> list[dict]:
+    """open_clip's `basic_clean` without its final strip: `ftfy.fix_text` (its character-level fixes
+    and NFC), then `html.unescape` twice (the common entities)."""
+    steps = _ftfy_normalizers()
+    steps.append({"type": "NFC"})
+    for _ in range(2):  # open_clip: html.unescape(html.unescape(text))
+        steps += [_replace(a, b) for a, b in HTML_ENTITIES]
+    return steps
+
+
+def whitespace_clean_normalizers() -> list[dict]:
+    """open_clip's `whitespace_clean`: Python's whitespace runs collapsed to one space, then strip."""
+    return [_replace(_char_class(_py_whitespace()) + "+", " ", regex=True),
+            {"type": "Strip", "strip_left": True, "strip_right": True}]
+
+
+def lower_normalizers() -> list[dict]:
+    """Python's `str.lower()`. It maps a word-final capital sigma to final sigma (Unicode Final_Sigma:
+    a cased letter before it, none after, case-ignorable characters skipped); `tokenizers` lowercases
+    per character. The look-behind skips up to 3 case-ignorable characters."""
+    return [_replace(FINAL_SIGMA, "\u03c2", regex=True), {"type": "Lowercase"}]
+
+
 def build_clip_tokenizer_json(tokenizer) -> str:
-    """The `tokenizers` JSON equivalent of an open_clip `SimpleTokenizer` (clean="lower")."""
+    """The `tokenizers` JSON equivalent of an open_clip `SimpleTokenizer` (clean="lower"), any context
+    length (77 for most models, 76 for CoCa). Raises ValueError for what it cannot represent."""
     from open_clip.tokenizer import SimpleTokenizer
 
     if not isinstance(tokenizer, SimpleTokenizer):
-        raise NotImplementedError(f"tokenizer.json export supports open_clip's SimpleTokenizer, not "
-                                  f"{type(tokenizer).__name__}")
+        raise ValueError(f"tokenizer.json export supports open_clip's SimpleTokenizer, not "
+                         f"{type(tokenizer).__name__}")
     if tokenizer.reduction_fn is not None:
-        raise NotImplementedError("tokenizer.json export does not support open_clip's reduction masks")
+        raise ValueError("tokenizer.json export does not support open_clip's reduction masks")
     if tokenizer.clean_fn.__name__ != "_clean_lower":
-        raise NotImplementedError(f"tokenizer.json export supports clean='lower' only "
-                                  f"(this tokenizer uses {tokenizer.clean_fn.__name__})")
+        raise ValueError(f"tokenizer.json export of open_clip's SimpleTokenizer supports clean='lower' only "
+                         f"(this tokenizer uses {tokenizer.clean_fn.__name__})")
     T = int(tokenizer.context_length)
     vocab = dict(tokenizer.encoder)
     merges = [f"{a} {b}" for (a, b), _ in sorted(tokenizer.bpe_ranks.items(), key=lambda kv: kv[1])]
@@ -110,18 +134,7 @@ def build_clip_tokenizer_json(tokenizer) -> str:
     specials = [tokenizer.decoder[i] for i in tokenizer.all_special_ids]
     pad_tok = tokenizer.decoder[0]
 
-    normalizers = _ftfy_normalizers()
-    normalizers.append({"type": "NFC"})
-    for _ in range(2):  # open_clip: html.unescape(html.unescape(text))
-        normalizers += [_replace(a, b) for a, b in HTML_ENTITIES]
-    normalizers += [
-        _replace(_char_class(_py_whitespace()) + "+", " ", regex=True),
-        {"type": "Strip", "strip_left": True, "strip_right": True},
-        # Python's str.lower() maps a word-final capital sigma to final sigma (Unicode Final_Sigma:
-        # a cased letter before it, none after, case-ignorable characters skipped); `tokenizers`
-        # lowercases per character. The look-behind skips up to 3 case-ignorable characters.
-        _replace(FINAL_SIGMA, "\u03c2", regex=True),
-        {"type": "Lowercase"},
+    normalizers = basic_clean_normalizers() + whitespace_clean_normalizers() + lower_normalizers() + [
         # U+0345 (combining ypogegrammeni) case-folds to a letter, so under open_clip's IGNORECASE
         # regex neither the letter class nor its negation matches it: open_clip drops it.
         # It still ends the letter run it sits in: a space, which the pre-tokeniser drops.
