@@ -86,7 +86,9 @@ run() {
             "$cache/corpus/$t" "$cache/seeds/$t" > "$log" 2>&1
         rc=$?
         after=$(ls "$cache/findings/$t" | wc -l)
-        read -r wall user sys < "$log.time" || true
+        read -r wall user sys <<EOT
+$(tail -1 "$log.time")
+EOT
         cpu=$(echo "$user $sys" | awk '{printf "%.0f", $1 + $2}')
         line="$t\t${wall%.*}\t$cpu\t$(stats "$log")\t$((after - before))"
         printf "$line\n" >> "$cache/runs.tsv"

@@ -1,6 +1,7 @@
 #include "exif.hpp"
 
 #include <cstdint>
+#include <set>
 
 #include "text.hpp"
 
@@ -37,25 +38,36 @@ Orientation exif_orientation(const std::string& exif) {
     }
     std::uint64_t pos = bigtiff ? u(8, 8) : u(4, 4);
     const std::size_t cnt_size = bigtiff ? 8 : 2, entry = bigtiff ? 20 : 12, inline_max = bigtiff ? 8 : 4;
-    if (pos + cnt_size > d.size()) return o;  // "Corrupt EXIF data": Pillow warns, no tags
+    if (pos > d.size() || d.size() - pos < cnt_size) return o;  // short read: Pillow warns, no tags (no overflow)
     std::uint64_t count = u(static_cast<std::size_t>(pos), static_cast<int>(cnt_size));
     pos += cnt_size;
     static const int unit[] = {0, 1, 1, 2, 4, 8, 1, 1, 2, 4, 8, 4, 8, 4, 0, 0, 8, 8, 8};
+    // ImageFileDirectory_v2.load: every tag counts, not only the orientation: a tag seen before is
+    // skipped, out-of-line data adds to a running total that may not pass the file's size (the tag
+    // is skipped), and a short read of a tag's data ends the loading (OSError: a warning, no more tags)
+    std::set<unsigned> loaded;
+    std::uint64_t total = 0;  // saturating: Python's integers do not wrap
     for (std::uint64_t i = 0; i < count; ++i, pos += entry) {
-        if (pos + entry > d.size()) break;  // Pillow stops at a short read, keeping earlier tags
+        if (d.size() - pos < entry) break;  // Pillow stops at a short read, keeping earlier tags
         const std::size_t p = static_cast<std::size_t>(pos);
         const unsigned tag = static_cast<unsigned>(u(p, 2)), typ = static_cast<unsigned>(u(p + 2, 2));
         const std::uint64_t n = bigtiff ? u(p + 4, 8) : u(p + 4, 4);
-        if (tag != 0x0112) continue;
+        if (loaded.count(tag)) continue;
         if (typ >= sizeof unit / sizeof unit[0] || unit[typ] == 0) continue;  // unsupported type: skipped
-        const std::uint64_t size = n * static_cast<std::uint64_t>(unit[typ]);
+        const std::uint64_t k = static_cast<std::uint64_t>(unit[typ]);
+        const std::uint64_t size = n > UINT64_MAX / k ? UINT64_MAX : n * k;
         std::size_t at = p + (bigtiff ? 12 : 8);
         if (size > inline_max) {
-            std::uint64_t off = bigtiff ? u(at, 8) : u(at, 4);
-            if (size > d.size() || off + size > d.size()) continue;  // too large / short: skipped
+            const std::uint64_t off = bigtiff ? u(at, 8) : u(at, 4);
+            if (off >= (std::uint64_t(1) << 63)) continue;  // "Tag offset too large"
+            total = size > UINT64_MAX - total ? UINT64_MAX : total + size;
+            if (total > d.size()) continue;                 // "Tag data larger than file"
+            if (off > d.size() - size) return o;            // _safe_read: Truncated File Read ends the load
             at = static_cast<std::size_t>(off);
         }
         if (size == 0) continue;
+        loaded.insert(tag);
+        if (tag != 0x0112) continue;
         o.present = true;
         switch (typ) {
             case 1: case 7: o.value = static_cast<unsigned char>(d[at]); break;   // BYTE, UNDEFINED

@@ -107,7 +107,8 @@ NpyArray read_npy(const std::string& path, const std::string& what) {
         throw invalid("cannot reshape array of size " + std::to_string((bytes.size() - data_start) / 4) +
                       " into the header's shape");
     arr.data.resize(count);
-    std::memcpy(arr.data.data(), bytes.data() + data_start, count * 4);  // x86-64 and ARM64 are little-endian
+    if (count > 0)  // an empty array has no buffer to copy into (memcpy of a null pointer)
+        std::memcpy(arr.data.data(), bytes.data() + data_start, count * 4);  // x86-64 and ARM64 are little-endian
     if (fortran == "True" && arr.shape.size() == 2) {
         const std::size_t rows = arr.shape[0], cols = arr.shape[1];
         std::vector<float> c(count);

@@ -6,6 +6,7 @@
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
@@ -73,6 +74,13 @@ struct Walker {
     }
 };
 
+// A probability as json.dumps writes float(f"{p:.7g}"): NaN and Infinity by their JSON names.
+std::string json_probability(float p) {
+    if (std::isnan(p)) return "NaN";
+    if (std::isinf(p)) return p > 0 ? "Infinity" : "-Infinity";
+    return format_probability(p);
+}
+
 // A dict of name -> value as Python builds it: a repeated name keeps its first place, last value.
 std::string json_object(const std::vector<std::pair<std::string, float>>& items) {
     std::vector<std::pair<std::string, float>> dict;
@@ -86,7 +94,7 @@ std::string json_object(const std::vector<std::pair<std::string, float>>& items)
     }
     std::string o = "{";
     for (std::size_t i = 0; i < dict.size(); ++i)
-        o += (i ? ", " : "") + detail::json_quote(dict[i].first) + ": " + format_probability(dict[i].second);
+        o += (i ? ", " : "") + detail::json_quote(dict[i].first) + ": " + json_probability(dict[i].second);
     return o + "}";
 }
 
