@@ -145,6 +145,8 @@ def test_strip_sep_token(tmp_path):
     assert not _mismatches(tok, texts)
     ids = Tokenizer.from_str(tokenizer_json_for(tok)).encode("cats").ids
     assert ids[0] == 2 and 3 not in ids
+    # documented limit (hf_tokenizer.py): a separator written in the text keeps its id
+    assert _mismatches(tok, ["x [SEP] y"])
 
 
 def test_unsupported_tokenizers_raise_value_error():

@@ -23,7 +23,9 @@ add_bos_token/add_eos_token flags chose), truncation and padding. So the JSON is
   label text; if that normaliser changes the token itself ("[SEP]" under BERT's lowercasing), in the raw
   text instead, exact unless the cleaning creates or removes one ("［SEP］" made ASCII by ftfy);
 - strip_sep_token: the separator id replaced by 0 in the post-processor (and the padding, if the pad
-  token is the separator). A separator the model itself could produce from plain text is not covered.
+  token is the separator). Not covered: a separator written in the text ("[SEP]" survives
+  clean="whitespace"; `tokenizers` takes an added token's id from the vocabulary, so it cannot be
+  mapped to 0), and one the model itself could produce from plain text: they keep their id.
 
 Refused with ValueError (one line naming it): tokenizer modes other than the default ("clips"), slow
 (Python) tokenizers, split_special_tokens, a tokenizer without a pad token, other clean functions.
