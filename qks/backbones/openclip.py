@@ -137,10 +137,7 @@ class OpenClipBackbone(nn.Module):
 
     def tokenizer_json(self) -> str:
         """open_clip's tokenizer as Hugging Face `tokenizers` JSON (CLIP BPE or a Hugging Face tokenizer)."""
-        try:  # TEMPORARY until hf_tokenizer lands
-            from .hf_tokenizer import tokenizer_json_for
-        except ImportError:
-            from .clip_tokenizer import build_clip_tokenizer_json as tokenizer_json_for
+        from .hf_tokenizer import tokenizer_json_for
 
         return tokenizer_json_for(self._tokenizer)
 
@@ -162,9 +159,11 @@ def _tokenizer(open_clip, name: str, arch: str):
         text_cfg = json.loads(Path(arch).read_text(encoding="utf-8")).get("text_cfg", {})
         hf_name = text_cfg.get("hf_tokenizer_name")
         if hf_name and (Path(arch).parent / hf_name).is_dir():
-            return open_clip.HFTokenizer(str((Path(arch).parent / hf_name).resolve()),
-                                         context_length=text_cfg.get("context_length", 77),
-                                         **text_cfg.get("tokenizer_kwargs", {}))
+            from open_clip.tokenizer import HFTokenizer
+
+            return HFTokenizer(str((Path(arch).parent / hf_name).resolve()),
+                               context_length=text_cfg.get("context_length", 77),
+                               **text_cfg.get("tokenizer_kwargs", {}))
     try:
         return open_clip.get_tokenizer(name)
     except Exception as e:  # a Hugging Face tokenizer that is not in the local cache, offline
