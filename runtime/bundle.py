@@ -93,7 +93,7 @@ class Bundle:
                                   f"(this runtime does {supported!r})")
         try:
             self.preprocess = Preprocess.from_dict(m["preprocess"])
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise BundleError(f"manifest preprocess section is invalid ({e})") from None
         self.graphs: dict[str, GraphRecord] = {}
         for name, rec in m["graphs"].items():
@@ -110,6 +110,9 @@ class Bundle:
                 if not isinstance(rec, dict) or "file" not in rec:
                     raise BundleError(f"manifest {section} section has no file")
                 self._listed(rec["file"], section)
+        for key, kind in (("label_banks", dict), ("engines", list)):
+            if m.get(key) is not None and not isinstance(m[key], kind):
+                raise BundleError(f"manifest {key} must be {'an object' if kind is dict else 'a list'}")
         self.banks: dict[str, BankRecord] = {}
         for name, rec in (m.get("label_banks") or {}).items():
             self.banks[name] = self._check_bank(name, rec)
@@ -130,8 +133,8 @@ class Bundle:
         arr = load_npy(path, f"label bank {name!r}")
         if arr.ndim != 2 or arr.dtype != np.float32:
             raise BundleError(f"label bank {name!r} must be float32 [L, D], is {arr.dtype} {list(arr.shape)}")
-        if "shape" in rec and list(rec["shape"]) != list(arr.shape):
-            raise BundleError(f"label bank {name!r} is {list(arr.shape)}, manifest says {list(rec['shape'])}")
+        if "shape" in rec and rec["shape"] != list(arr.shape):
+            raise BundleError(f"label bank {name!r} is {list(arr.shape)}, manifest says {rec['shape']!r}")
         d = self.embed_dim
         if d is not None and arr.shape[1] != d:
             raise BundleError(f"label bank {name!r} has dimension {arr.shape[1]}, the model's is {d}")
@@ -145,12 +148,18 @@ class Bundle:
     @property
     def embed_dim(self) -> int | None:
         d = self.manifest["model"].get("embed_dim")
-        return int(d) if d is not None else None
+        try:
+            return int(d) if d is not None else None
+        except (TypeError, ValueError, OverflowError):
+            raise BundleError(f"manifest model embed_dim {d!r} is not a number") from None
 
     @property
     def scoring(self) -> tuple[str, int]:
         s = self.manifest.get("scoring") or {}
-        return s.get("mode", "max"), int(s.get("k", 1))
+        try:
+            return s.get("mode", "max"), int(s.get("k", 1))
+        except (AttributeError, TypeError, ValueError, OverflowError):
+            raise BundleError(f"manifest scoring section is invalid ({s!r})") from None
 
     def file(self, rel: str) -> Path:
         return resolve(self.root, rel)
@@ -195,7 +204,7 @@ class Bundle:
         """The manifest's `default_bank`, else a bank named "default", else the only bank."""
         name = self.manifest.get("default_bank")
         if name:
-            if name not in self.banks:
+            if not isinstance(name, str) or name not in self.banks:
                 raise BundleError(f"manifest default_bank {name!r} is not one of its label banks")
             return name
         if "default" in self.banks:
@@ -216,9 +225,15 @@ def load_npy(path: Path, what: str) -> np.ndarray:
     except ValueError as e:
         if "pickle" in str(e).lower():
             raise BundleError(f"{what}: {path.name} needs pickle to load; refused (save a plain float32 array)") from None
-        raise BundleError(f"{what}: {path.name} is not a valid .npy file ({e})") from None
+        raise BundleError(f"{what}: {path.name} is not a valid .npy file ({_first_line(e)})") from None
     except OSError as e:
         raise BundleError(f"{what}: cannot read {path.name} ({e})") from None
+    except Exception as e:  # numpy's header parser lets SyntaxError, tokenize.TokenError, ... escape
+        raise BundleError(f"{what}: {path.name} is not a valid .npy file ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:200]
 
 
 def read_names(path: Path) -> list[str]:

@@ -76,7 +76,7 @@ def check_relpath(path: str) -> str:
     if not isinstance(path, str) or not path:
         raise BundleError(f"manifest path {path!r} is not a file name")
     p = PurePosixPath(path)
-    if "\\" in path or p.is_absolute() or path.startswith("~") or any(part in ("..", ".", "") for part in path.split("/")):
+    if "\\" in path or "\0" in path or p.is_absolute() or path.startswith("~") or any(part in ("..", ".", "") for part in path.split("/")):
         raise BundleError(f"manifest path {path!r} must be a plain relative path inside the bundle")
     return path
 
@@ -122,12 +122,15 @@ def read_manifest(bundle_dir: str | Path) -> dict:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BundleError(f"{path}: manifest is not valid JSON ({e})") from None
+    except RecursionError:
+        raise BundleError(f"{path}: manifest is not valid JSON (nested too deeply)") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BundleError(f"{path}: not a qks bundle manifest")
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
         raise BundleError(f"{path}: bundle schema version {version!r} is not supported "
                           f"(this qks reads version {SCHEMA_VERSION}); re-export it with this qks")
-    for rel in manifest.get("files", {}):
+    files = manifest.get("files", {})
+    for rel in files if isinstance(files, dict) else ():  # not an object: Bundle.load says "lists no files"
         check_relpath(rel)
     return manifest

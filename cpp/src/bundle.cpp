@@ -51,7 +51,7 @@ void check_relpath(const json& path) {
     if (!path.is_string() || path.get<std::string>().empty())
         fail("manifest path " + json_repr(path) + " is not a file name");
     const std::string p = path.get<std::string>();
-    bool bad = p.find('\\') != std::string::npos || p[0] == '/' || p[0] == '~';
+    bool bad = p.find('\\') != std::string::npos || p.find('\0') != std::string::npos || p[0] == '/' || p[0] == '~';
     std::size_t i = 0;
     while (!bad && i <= p.size()) {
         std::size_t j = p.find('/', i);
