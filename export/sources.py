@@ -152,8 +152,10 @@ def zero_shot_source(spec: str, labels: dict[str, list[str]], prompts: list[str]
         size = backbone.preprocess.size
         queries = int(image_module(torch.zeros(1, 3, size, size)).shape[1])
     if not rule.calibrated:
-        notes.append(f"{backbone.spec} was trained with a {rule.trained_with} loss: its probabilities rank labels "
-                     "but are not calibrated (pick tags with --top-k, or a threshold chosen on your own images)")
+        how = ("was never trained on image-text pairs" if rule.trained_with == "none"
+               else f"was trained with a {rule.trained_with} loss")
+        notes.append(f"{backbone.spec} {how}: its probabilities rank labels but are not calibrated "
+                     "(pick tags with --top-k, or a threshold chosen on your own images)")
     return ExportSource(
         backbone=backbone, image_module=image_module, label_module=text, text_encoder=text,
         templates=prompts, banks=labels, default_bank=next(iter(labels)),

@@ -26,7 +26,6 @@ from .sources import ExportSource
 RANDOM_IMAGES = 8  # fresh random images for verification
 RANDOM_TEXTS = 16  # fresh random label strings for verification
 CALIBRATION_LIMIT = 32  # images read from --calibration-images
-TOKENIZER_KINDS = {"BPE": "clip-bpe", "WordPiece": "wordpiece", "Unigram": "unigram"}
 
 
 @dataclass
@@ -330,10 +329,19 @@ def _verify_tokenizer(tok_json: str, backbone, bank_texts: list[str], random_tex
         raise ExportError(f"tokenizer.json gives other ids than the backbone's tokenizer for {mismatches} of "
                           f"{len(texts)} texts, e.g. {first!r}")
     data = json.loads(tok_json)
-    kind = TOKENIZER_KINDS.get(data.get("model", {}).get("type"), "other")
+    kind = _tokenizer_kind(data.get("model", {}))
     pad_id = (data.get("padding") or {}).get("pad_id", 0)
     return {"file": "tokenizer.json", "context_length": T, "kind": kind, "pad_id": pad_id,
             "verification": {"texts": len(texts), "mismatches": 0, "reference": "backbone.tokenize"}}
+
+
+def _tokenizer_kind(model: dict) -> str:
+    """What the manifest calls the tokenizer: CLIP's BPE (word-end suffix), a SentencePiece BPE (Gemma,
+    SigLIP2), Unigram (T5, SigLIP) or WordPiece (BERT, MiniLM)."""
+    kind = model.get("type")
+    if kind == "BPE":
+        return "clip-bpe" if model.get("end_of_word_suffix") == "</w>" else "bpe"
+    return {"WordPiece": "wordpiece", "Unigram": "unigram"}.get(kind, "other")
 
 
 def _bank_through_onnx(tok_json: str, sess, templates: list[str], names: list[str]) -> np.ndarray:

@@ -7,7 +7,7 @@
       "model": {"backbone": spec, "config": ModelConfig dict, "queries": Nq, "embed_dim": D,
                 "layers": L, "token_dim": C, "seen": [labels], "unseen": [labels]},
       "preprocess": {"size", "resize_mode", "interpolation", "mean", "std"},     # Preprocess
-      "tokenizer": {"file": "tokenizer.json", "context_length": T, "kind": "clip-bpe" | "wordpiece"},
+      "tokenizer": {"file": "tokenizer.json", "context_length": T, "kind": "clip-bpe" | "bpe" | "unigram" | "wordpiece"},
       "prompts": {"file": "prompts.txt", "count": n},         # one template a line, `{}` = label
       "scoring": {"mode": "max" | "topk", "k": int},           # logits -> sigmoid probabilities
       "graphs": {                                              # name -> graph record
@@ -36,6 +36,12 @@ backslashes. Readers refuse anything else, and any schema_version they do not kn
 Optional, read by the runtime (added after schema_version 1 was first written; absent is fine):
 - "default_bank": name — the bank `qks-infer` uses without --labels/--bank. Without it: the bank
   named "default", else the only bank.
+- "model" may also carry "kind" ("qks": a trained head; "zero-shot": a backbone alone, `qks-export
+  --zero-shot`, "config" null) and "family" (the image tower's adapter: "openclip-vit", "timm",
+  "modified-resnet", "lite"). A zero-shot bundle keeps the contract: its image graph gives [B, M, D+1]
+  = [normalised image embedding, 1] and its label graph [scale * normalised text embedding, bias], so
+  the max of dot products is the model's own logit; "scoring" then also has "zero_shot": {"trained_with"
+  ("sigmoid" | "softmax" | "none"), "scale", "bias", "calibrated", "normalize", "formula"}.
 - "preprocess" may also carry "channels": "RGB", "layout": "NCHW", "crop": "center",
   "value_range": [0, 1]; the runtime implements exactly these and refuses other values.
 - TensorRT plans: each `engines/<stem>.plan` has a JSON sidecar, named by the engines entry's
