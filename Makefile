@@ -27,7 +27,7 @@ SERVE_PY := $(SERVE_VENV)/bin/python
 # tests skip with that reason.
 CPP_JOBS ?= 2
 
-.PHONY: venv serve-venv stamps cpp test lint demo clean
+.PHONY: venv serve-venv stamps cpp fuzz-build fuzz test lint demo clean
 
 venv: $(VENV)/.installed
 
@@ -69,14 +69,28 @@ cpp:
 	  cmake --build cpp/build-asan -j$(CPP_JOBS) -- --no-print-directory; \
 	elif [ $$rc -ne 3 ]; then exit $$rc; fi
 
+# Fuzzing (FUZZING.md): cpp/scripts/fuzz.sh installs clang-16 + libfuzzer-16-dev (Debian, root) and builds
+# the libFuzzer targets with ASan + UBSan in cpp/build-fuzz; without root or apt it prints why and the fuzz
+# tests skip with that reason. `make fuzz` runs every target FUZZ_SECONDS (corpora grow under .cache/fuzz/,
+# not in git), then replays the image corpora through the C++ and Python pipelines (the differential check).
+FUZZ_SECONDS ?= 180
+
+fuzz-build: cpp
+	@sh cpp/scripts/fuzz.sh build; rc=$$?; if [ $$rc -ne 0 ] && [ $$rc -ne 3 ]; then exit $$rc; fi
+
+fuzz: venv fuzz-build
+	sh cpp/scripts/fuzz.sh run $(FUZZ_SECONDS); rc=$$?; \
+	$(PY) cpp/fuzz/differential.py --save .cache/fuzz/diverge .cache/fuzz/corpus/fuzz_jpeg .cache/fuzz/corpus/fuzz_png \
+	  .cache/fuzz/corpus/fuzz_gif .cache/fuzz/corpus/fuzz_image_any; d=$$?; exit $$((rc | d))
+
 lint: venv
 	$(VENV)/bin/ruff check .
 
-test: venv serve-venv stamps lint cpp
+test: venv serve-venv stamps lint cpp fuzz-build
 	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q
 
 clean:
-	rm -rf $(VENV) $(SERVE_VENV) build *.egg-info .pytest_cache cpp/build cpp/build-asan cpp/.deps
+	rm -rf $(VENV) $(SERVE_VENV) build *.egg-info .pytest_cache cpp/build cpp/build-asan cpp/build-fuzz cpp/.deps
 
 # The whole pipeline on real photos, offline, CPU only: a small scene split (benchmarks/scenes.py),
 # the lite QKS head trained on its seen labels, the exported bundle run by qks-infer with labels

@@ -78,18 +78,21 @@ def python_outcome(path: Path) -> Outcome:
 def collect(paths: list[str]) -> list[Path]:
     files = []
     for p in map(Path, paths):
-        files += sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        files += sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p] if p.is_file() else []
     return files
 
 
 def compare(files: list[Path], driver: Path) -> dict[str, list]:
     """{"agree": [...], "text": [(file, py, cpp)], "diverge": [(file, py, cpp)], "skipped": [...], "known": [...]}"""
     result = {k: [] for k in ("agree", "text", "diverge", "skipped", "known", "other_format")}
-    for f, c in zip(files, cpp_outcomes(driver, files), strict=True):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow's DecompressionBombWarning, EXIF and palette notes
+        outcomes = [(f, c, None if c.skipped else python_outcome(f)) for f, c in zip(files, cpp_outcomes(driver, files),
+                                                                                      strict=True)]
+    for f, c, p in outcomes:
         if c.skipped or (c.error or "").endswith(OTHER_FORMAT):
             result["skipped" if c.skipped else "other_format"].append(f)
             continue
-        p = python_outcome(f)
         digest = hashlib.sha256(f.read_bytes()).hexdigest()
         if p.kind() == c.kind() == "tensor" and p.tensor_sha == c.tensor_sha:
             result["agree"].append(f)
@@ -112,9 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"differential: no {args.driver}: run cpp/scripts/fuzz.sh build", file=sys.stderr)
         return 2
     files = collect(args.paths)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Pillow's DecompressionBombWarning, palette notes
-        r = compare(files, args.driver)
+    r = compare(files, args.driver)
     for f, p, c in r["diverge"]:
         print(f"DIVERGE {f}: python {p.kind()} {p.error or p.tensor_sha} / c++ {c.kind()} {c.error or c.tensor_sha}")
         if args.save:

@@ -15,6 +15,7 @@ set -u
 here=$(cd "$(dirname "$0")/../.." && pwd)
 build="$here/cpp/build-fuzz"
 cache="$here/.cache/fuzz"
+export UBSAN_OPTIONS="${UBSAN_OPTIONS:-print_stacktrace=1}"
 TARGETS="fuzz_jpeg fuzz_png fuzz_gif fuzz_image_any fuzz_exif fuzz_npy fuzz_bundle fuzz_labels fuzz_records"
 
 unavailable() {
