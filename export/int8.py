@@ -45,8 +45,9 @@ SOURCE_GRAPH = "image_encoder"
 INT8_COSINE_MIN = 0.99  # query-feature cosine vs the fp32 graph, every image
 INT8_TOP5_MIN = 0.99  # top-5 label agreement with the fp32 graph, over all verification images
 SCOPES = ("tokens", "trunk", "all")
-INTEGER_OPS = ("MatMulInteger", "DynamicQuantizeLinear", "QLinearMatMul", "QuantizeLinear", "DequantizeLinear",
-               "ConvInteger", "QLinearConv", "QGemm")
+INTEGER_OPS = ("MatMulInteger", "DynamicQuantizeLinear", "QAttention", "QLinearMatMul", "QuantizeLinear",
+               "DequantizeLinear", "ConvInteger", "QLinearConv", "QGemm")
+FUSED_OPS = ("Attention", "QAttention", "MultiHeadAttention", "SkipLayerNormalization", "Gelu", "BiasGelu", "FastGelu")
 
 
 def _gemm_to_matmul(model) -> int:
@@ -83,23 +84,45 @@ def _gemm_to_matmul(model) -> int:
     return count
 
 
+QUANTIZABLE = ("MatMul", "Attention")  # Attention: the fused graph's packed QKV product (QAttention)
+
+
+def _query_seeds(model) -> set[str]:
+    """The learnable queries' initializer: `head.queries` by name, or (the dynamo exporter folds
+    `queries.unsqueeze(0)` into a constant named like `unsqueeze_2`) the [1, Nq, C] / [Nq, C]
+    initializer that an Expand broadcasts over the batch, Nq being the graph output's query count."""
+    seeds = {t.name for t in model.graph.initializer if t.name == "head.queries" or t.name.endswith(".queries")}
+    out_dims = model.graph.output[0].type.tensor_type.shape.dim if model.graph.output else []
+    nq = out_dims[1].dim_value if len(out_dims) == 3 and out_dims[1].HasField("dim_value") else 0
+    dims = {t.name: list(t.dims) for t in model.graph.initializer}
+    for n in model.graph.node:
+        d = dims.get(n.input[0]) if n.op_type == "Expand" and n.input else None
+        if nq > 1 and d and len(d) in (2, 3) and d[-2] == nq:
+            seeds.add(n.input[0])
+    return seeds
+
+
 def _query_path_matmuls(model) -> list[str]:
-    """MatMul nodes on the QKS head's query path: those whose first operand depends on the learnable
-    queries (`head.queries`). The head's key/value projections of the image tokens, and the whole
-    backbone, are not on it."""
-    tainted = {t.name for t in model.graph.initializer if t.name == "head.queries" or t.name.endswith(".queries")}
+    """Products on the QKS head's query path: those whose first operand depends on the learnable
+    queries. The head's key/value projections of the image tokens, and the whole backbone, are
+    not on it."""
+    tainted = _query_seeds(model)
     out = []
     for n in model.graph.node:  # topological order
-        if n.op_type == "MatMul" and n.input and n.input[0] in tainted:
+        if n.op_type in QUANTIZABLE and n.input and n.input[0] in tainted:
             out.append(n.name)
         if tainted & set(n.input):
             tainted.update(n.output)
     return out
 
 
+def _is_head_weight(name: str) -> bool:
+    return name.startswith("head.") or ".head." in name
+
+
 def _head_matmuls(model) -> list[str]:
-    """Every MatMul that reads a tensor computed from a `head.*` initializer (the whole head)."""
-    tainted = {t.name for t in model.graph.initializer if t.name.startswith("head.")}
+    """Every product from the first node that reads a head initializer or the queries on (the whole head)."""
+    tainted = {t.name for t in model.graph.initializer if _is_head_weight(t.name)} | _query_seeds(model)
     first = None
     for i, n in enumerate(model.graph.node):
         if tainted & set(n.input):
@@ -107,7 +130,7 @@ def _head_matmuls(model) -> list[str]:
             break
     if first is None:
         return []
-    return [n.name for n in model.graph.node[first:] if n.op_type == "MatMul"]
+    return [n.name for n in model.graph.node[first:] if n.op_type in QUANTIZABLE]
 
 
 def _fuse_gelu(model):
@@ -173,17 +196,36 @@ def _quiet():
         root.setLevel(level)
 
 
+def _fused(model, fp32_onnx: str | Path, work: Path):
+    """`model` rewritten into ONNX Runtime's fused operators and checked against the fp32 graph on
+    seeded random pixels (ExportError if the rewrite changed the result)."""
+    import onnx
+
+    from .fuse import fuse_image_graph, verify_fused
+
+    with _quiet():
+        model, _stats = fuse_image_graph(model)
+    path = work / "fp32_fused.onnx"
+    onnx.save(model, str(path))
+    dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    pixels = np.random.default_rng(0).standard_normal((2, *dims[1:])).astype(np.float32)
+    verify_fused(path, fp32_onnx, pixels)
+    return model
+
+
 def quantize_image_encoder(fp32_onnx: str | Path, out: str | Path, calibration: np.ndarray | None = None, *,
                            method: str = "dynamic", per_channel: bool = True, weight_type: str = "qint8",
                            quantize_attention: bool = False, calibrate_method: str = "minmax",
-                           scope: str = "tokens", fuse_gelu: bool = True) -> Path:
+                           scope: str = "tokens", fuse_gelu: bool = True, fuse: bool = True) -> Path:
     """fp32 image graph -> INT8 image graph at `out` (float32 I/O). See the module docstring.
     `calibration`: preprocessed pixels [N, 3, H, W] float32 (static only). `scope`: "tokens"
     (default) quantizes every weight MatMul that reads image tokens (the backbone, and the head's
     key/value projections of the tokens) and keeps the head's query path (a few Nq-token products,
     ~1 % of the FLOPs, the most sensitive to rounding) in fp32; "trunk" keeps the whole head fp32;
     "all" quantizes the head too. `fuse_gelu`: fuse GELU into ONNX Runtime's `BiasGelu` first
-    (the INT8 graph is for ONNX Runtime only). Raises ExportError."""
+    (the INT8 graph is for ONNX Runtime only). `fuse`: first rewrite attention, residual +
+    LayerNorm and GELU into ONNX Runtime's fused operators (`qks.export.fuse`, checked against the
+    fp32 graph), so the packed QKV products quantize as `QAttention`. Raises ExportError."""
     try:
         import onnx
         from onnxruntime.quantization import QuantType, quantize_dynamic, quantize_static
@@ -199,31 +241,34 @@ def quantize_image_encoder(fp32_onnx: str | Path, out: str | Path, calibration: 
     wt = {"qint8": QuantType.QInt8, "quint8": QuantType.QUInt8}.get(weight_type)
     if wt is None:
         raise ExportError(f"unknown INT8 weight type {weight_type!r} (qint8 or quint8)")
-    out = Path(out)
-    model = onnx.load(str(fp32_onnx))
-    if fuse_gelu:
-        with _quiet():
-            model, _fused = _fuse_gelu(model)
-    _gemm_to_matmul(model)
     if scope not in SCOPES:
         raise ExportError(f"unknown INT8 scope {scope!r} (one of {', '.join(SCOPES)})")
-    exclude = set() if quantize_attention else set(_activation_matmuls(model))
-    if scope == "trunk":  # the whole head stays fp32
-        exclude |= set(_head_matmuls(model))
-    elif scope == "tokens":  # the head's query path (12 tokens: ~1 % of the FLOPs) stays fp32
-        exclude |= set(_query_path_matmuls(model))
-    exclude = sorted(exclude)
+    out = Path(out)
+    model = onnx.load(str(fp32_onnx))
     work = Path(tempfile.mkdtemp(prefix=".int8-", dir=out.parent))
     try:
+        if fuse:
+            model = _fused(model, fp32_onnx, work)
+        elif fuse_gelu:
+            with _quiet():
+                model, _n = _fuse_gelu(model)
+        _gemm_to_matmul(model)
+        exclude = set() if quantize_attention else set(_activation_matmuls(model))
+        if scope == "trunk":  # the whole head stays fp32
+            exclude |= set(_head_matmuls(model))
+        elif scope == "tokens":  # the head's query path (12 tokens: ~1 % of the FLOPs) stays fp32
+            exclude |= set(_query_path_matmuls(model))
+        exclude = sorted(exclude)
         src = work / "fp32_matmul.onnx"
         onnx.save(model, str(src))
         del model
         tmp = work / out.name
         with _quiet():
             if method == "dynamic":
-                quantize_dynamic(str(src), str(tmp), op_types_to_quantize=["MatMul"], per_channel=per_channel,
+                quantize_dynamic(str(src), str(tmp), op_types_to_quantize=list(QUANTIZABLE), per_channel=per_channel,
                                  weight_type=wt, nodes_to_exclude=exclude,
-                                 extra_options={"MatMulConstBOnly": not quantize_attention})
+                                 extra_options={"MatMulConstBOnly": not quantize_attention,
+                                               "DefaultTensorType": onnx.TensorProto.FLOAT})
             else:
                 cm = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                       "entropy": CalibrationMethod.Entropy}[calibrate_method]
@@ -232,7 +277,9 @@ def quantize_image_encoder(fp32_onnx: str | Path, out: str | Path, calibration: 
                                 quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
                                 per_channel=per_channel, weight_type=QuantType.QInt8,
                                 activation_type=QuantType.QUInt8, nodes_to_exclude=exclude,
-                                calibrate_method=cm, extra_options={"MatMulConstBOnly": not quantize_attention})
+                                calibrate_method=cm,
+                                extra_options={"MatMulConstBOnly": not quantize_attention,
+                                               "DefaultTensorType": onnx.TensorProto.FLOAT})
         try:
             onnx.checker.check_model(str(tmp), full_check=False)
         except Exception as e:
@@ -256,7 +303,7 @@ def int8_summary(path: str | Path) -> dict:
     for node in model.graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     out = {"integer_ops": {op: counts[op] for op in INTEGER_OPS if op in counts},
-           "fused_ops": {op: counts[op] for op in ("Gelu", "BiasGelu", "FastGelu") if op in counts},
+           "fused_ops": {op: counts[op] for op in FUSED_OPS if op in counts},
            "float_ops_left": {op: counts[op] for op in ("MatMul", "Gemm", "Conv") if op in counts},
            "int8_initializers": sum(1 for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8),
            "fp32_initializers": sum(1 for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT)}
@@ -298,17 +345,33 @@ def make_int8_graph(bundle_dir: str | Path, images: dict[str, np.ndarray], refer
     Returns (verification record, int8 summary) for the graph's manifest record:
     `{"precision": "int8", "source": "image_encoder", "verification": ..., "int8": summary}`."""
     d = Path(bundle_dir)
-    quantize_image_encoder(d / source_file, d / GRAPH_FILE, calibration, **quantize_options)
+    options = {"method": "dynamic", "per_channel": True, "weight_type": "qint8", "quantize_attention": False,
+               "scope": "tokens", "fuse_gelu": True, "fuse": True, **quantize_options}
+    fallback = None
     try:
-        ver = verify_int8(d / GRAPH_FILE, images, reference, bank, bank_name)
+        ver = _quantize_and_verify(d, source_file, images, reference, bank, bank_name, calibration, options)
+    except ExportError as e:
+        if not options["fuse"]:
+            raise
+        # the fused graph is only faster; the unfused one is what qks shipped before it
+        fallback = f"fused graph not used: {e}"
+        options["fuse"] = False
+        ver = _quantize_and_verify(d, source_file, images, reference, bank, bank_name, calibration, options)
+    summary = dict(options)
+    if options["method"] == "static":
+        summary["calibration_images"] = len(calibration)
+    if fallback:
+        summary["fuse_fallback"] = fallback
+    return ver, {**summary, **int8_summary(d / GRAPH_FILE)}
+
+
+def _quantize_and_verify(d: Path, source_file: str, images, reference, bank, bank_name, calibration, options) -> dict:
+    quantize_image_encoder(d / source_file, d / GRAPH_FILE, calibration, **options)
+    try:
+        return verify_int8(d / GRAPH_FILE, images, reference, bank, bank_name)
     except ExportError:
         (d / GRAPH_FILE).unlink(missing_ok=True)
         raise
-    options = {"method": "dynamic", "per_channel": True, "weight_type": "qint8", "quantize_attention": False,
-               "scope": "tokens", "fuse_gelu": True, **quantize_options}
-    if options["method"] == "static":
-        options["calibration_images"] = len(calibration)
-    return ver, {**options, **int8_summary(d / GRAPH_FILE)}
 
 
 # ---------------------------------------------------------------------------------------------

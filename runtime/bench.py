@@ -47,14 +47,18 @@ import numpy as np
 
 from ..engines.base import Engine, EngineError, TensorInfo
 from . import infer as _infer
-from .backend import PRECISIONS, select_backend
+from .backend import PRECISIONS, REGISTRY, select_backend
 from .bundle import Bundle
 from .infer import InferOptions, find_images, run_folder
 from .labels import LabelBank, LabelError, read_label_file
 from .manifest import BundleError
 from .preprocess import Preprocess, PreprocessError
+from .scoring import logits as score_logits
 
-BENCH_BACKENDS = ("ort-cpu", "ort-cuda", "tensorrt", "torch")
+BENCH_BACKENDS = (*(n for n, b in REGISTRY.items() if b.bench), "torch")  # the registry's, plus the baseline
+TORCH_PRECISIONS = ("fp32", "bf16")  # eager fp32; bf16 under torch.autocast
+PARITY_IMAGES = 64  # at most this many images of --images for parity
+GATE = {"cosine_min": 0.99, "top5_agreement_min": 0.99}  # the INT8 export gate (qks.export.int8)
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16",
              "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16")
 GENERATED_SIZE = (640, 480)  # a typical photo's size
@@ -142,6 +146,162 @@ def model_info(bundle: Bundle, labels: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# work and peak: the graph's matrix-product FLOPs, this machine's GEMM peak per engine and precision
+
+
+def profile_nodes(path: str | Path, batch: int = 1, threads: int = 1, runs: int = 1) -> list[dict]:
+    """ONNX Runtime's own profile of a CPU run of the graph on random pixels: one dict per node run,
+    {"op", "name", "us", "inputs": [shape, ...], "outputs": [shape, ...]} (the last `runs` runs)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    work = Path(tempfile.mkdtemp(prefix="qks-profile-"))
+    try:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(work / "p")
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        inp = sess.get_inputs()[0]
+        x = np.random.default_rng(0).standard_normal((batch, *inp.shape[1:])).astype(np.float32)
+        for _ in range(runs + 1):  # the first run (allocations) is left out below
+            sess.run(None, {inp.name: x})
+        events = json.loads(Path(sess.end_profiling()).read_text(encoding="utf-8"))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    def shapes(args, key):
+        return [next(iter(d.values())) for d in args.get(key, [])]
+
+    nodes = [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
+    per_run = len(nodes) // (runs + 1) if runs + 1 else len(nodes)
+    return [{"op": e["args"].get("op_name", "?"), "name": e["name"][:-len("_kernel_time")], "us": float(e["dur"]),
+             "inputs": shapes(e["args"], "input_type_shape"), "outputs": shapes(e["args"], "output_type_shape")}
+            for e in nodes[per_run:]]
+
+
+def node_flops(node: dict) -> float:
+    """Matrix-product FLOPs (2 x multiply-adds) of one profiled node; 0 for everything else."""
+    ins, outs, op = node["inputs"], node["outputs"], node["op"]
+    if not ins or not outs:
+        return 0.0
+    out = float(np.prod(outs[0])) if outs[0] else 0.0
+    if op in ("MatMul", "FusedMatMul", "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
+              "QLinearMatMul") and ins[0]:
+        return 2.0 * out * ins[0][-1]
+    if op in ("Gemm", "QGemm") and ins[0]:
+        return 2.0 * out * ins[0][-1]
+    if op in ("Conv", "FusedConv", "ConvInteger", "QLinearConv") and len(ins) > 1:
+        w = ins[1] if op != "QLinearConv" else ins[3]
+        return 2.0 * out * float(np.prod(w[1:]))
+    if op in ("Attention", "QAttention") and len(ins[0]) == 3:
+        b, n, c = ins[0]
+        return 2.0 * b * n * c * (3 * c) + 4.0 * b * n * n * c  # packed QKV product + QK^T and AV
+    if op == "MultiHeadAttention" and len(ins) > 1 and len(ins[0]) == 3 and len(ins[1]) == 3:
+        b, n, c = ins[0]
+        return 4.0 * b * n * ins[1][1] * c  # QK^T and AV
+    return 0.0
+
+
+def graph_flops(path: str | Path, batch: int = 1) -> float:
+    """Matrix-product FLOPs per image of an image graph, counted from a profiled ONNX Runtime run
+    (so every shape is the real one, dynamic axes included)."""
+    return sum(node_flops(n) for n in profile_nodes(path, batch=batch)) / batch
+
+
+def _gemm_timer(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def _matmul_graph(kind: str, n: int):
+    """One n x n x n product as an ONNX model: "fp32" MatMul, "int8" MatMulInteger (u8 x s8), or
+    "qdq" (QuantizeLinear/DequantizeLinear around a MatMul: what OpenVINO runs as an INT8 product)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    f32 = TensorProto.FLOAT
+    if kind == "int8":
+        b = numpy_helper.from_array(rng.integers(-127, 127, (n, n), dtype=np.int8), "B")
+        nodes = [helper.make_node("MatMulInteger", ["A", "B"], ["Y"])]
+        io = (TensorProto.UINT8, TensorProto.INT32)
+        inits = [b]
+    else:
+        w = rng.standard_normal((n, n)).astype(np.float32)
+        io = (f32, f32)
+        if kind == "fp32":
+            nodes, inits = [helper.make_node("MatMul", ["A", "B"], ["Y"])], [numpy_helper.from_array(w, "B")]
+        else:
+            s = numpy_helper.from_array(np.array(0.05, np.float32), "s")
+            z8 = numpy_helper.from_array(np.array(0, np.int8), "z")
+            ws = numpy_helper.from_array(np.full(n, 0.02, np.float32), "ws")
+            wz = numpy_helper.from_array(np.zeros(n, np.int8), "wz")
+            wq = numpy_helper.from_array(np.clip(w * 50, -127, 127).astype(np.int8), "Wq")
+            nodes = [helper.make_node("QuantizeLinear", ["A", "s", "z"], ["Aq"]),
+                     helper.make_node("DequantizeLinear", ["Aq", "s", "z"], ["Ad"]),
+                     helper.make_node("DequantizeLinear", ["Wq", "ws", "wz"], ["Wd"], axis=1),
+                     helper.make_node("MatMul", ["Ad", "Wd"], ["Y"])]
+            inits = [s, z8, ws, wz, wq]
+    g = helper.make_graph(nodes, "gemm", [helper.make_tensor_value_info("A", io[0], [n, n])],
+                          [helper.make_tensor_value_info("Y", io[1], [n, n])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def gemm_peak(n: int = 2048, reps: int = 5, threads: int | None = 1) -> dict:
+    """Measured GOP/s of one n^3 product per engine and precision that can run here:
+    ort_fp32, ort_int8 (MatMulInteger u8 x s8), openvino_fp32 / _bf16 / _int8 (when installed),
+    torch_fp32 / _bf16 (only when torch is already imported: the runtime never imports it), and
+    best_<precision> over engines. What a row's fraction of peak divides by."""
+    ops = 2.0 * n ** 3
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((n, n)).astype(np.float32)
+    a8 = rng.integers(0, 255, (n, n), dtype=np.uint8)
+    out: dict = {"n": n, "threads": threads}
+    try:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+        for kind, x in (("fp32", a), ("int8", a8)):
+            s = ort.InferenceSession(_matmul_graph(kind, n).SerializeToString(), opts, providers=["CPUExecutionProvider"])
+            out[f"ort_{kind}"] = ops / _gemm_timer(lambda s=s, x=x: s.run(None, {"A": x}), reps) / 1e9
+    except ImportError:  # onnx is an export dependency; the runtime alone measures no peak
+        return out
+    try:
+        import openvino as ov
+
+        core = ov.Core()
+        for key, kind, hint in (("fp32", "fp32", "f32"), ("bf16", "fp32", "bf16"), ("int8", "qdq", "f32")):
+            cfg = {"INFERENCE_PRECISION_HINT": hint, **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
+            m = core.read_model(_matmul_graph(kind, n).SerializeToString(), b"")
+            req = core.compile_model(m, "CPU", cfg).create_infer_request()
+            out[f"openvino_{key}"] = ops / _gemm_timer(lambda req=req: req.infer({0: a}), reps) / 1e9
+    except Exception:  # not installed, or this CPU lacks the precision
+        pass
+    if "torch" in sys.modules:
+        torch = sys.modules["torch"]
+        if threads:
+            torch.set_num_threads(threads)
+        ta = torch.from_numpy(a)
+        out["torch_fp32"] = ops / _gemm_timer(lambda: ta @ ta, reps) / 1e9
+        tb = ta.bfloat16()
+        out["torch_bf16"] = ops / _gemm_timer(lambda: tb @ tb, reps) / 1e9
+    for prec in ("fp32", "bf16", "int8"):
+        vals = [v for k, v in out.items() if k.endswith(f"_{prec}") and not k.startswith("best")]
+        if vals:
+            out[f"best_{prec}"] = max(vals)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # images
 
 
@@ -186,9 +346,10 @@ def _link_folder(src_files: list[Path], dst: Path, n: int) -> Path:
 
 
 class TorchEngine(Engine):
-    """The PyTorch baseline: `QKSModel.query_features` of a checkpoint, fp32 eager, no_grad."""
+    """The PyTorch baseline: `QKSModel.query_features` of a checkpoint, eager, no_grad; fp32, or
+    bf16 under `torch.autocast` (`bf16=True`)."""
 
-    def __init__(self, ckpt: str | Path, device: str = "auto", threads: int | None = None):
+    def __init__(self, ckpt: str | Path, device: str = "auto", threads: int | None = None, bf16: bool = False):
         try:
             import torch
         except ImportError as e:
@@ -212,15 +373,15 @@ class TorchEngine(Engine):
             nq = int(self.model.query_features(torch.zeros(1, 3, size, size, device=self.device)).shape[1])
         d = int(self.model.backbone.embed_dim)
         self.backend = "torch"
-        self.precision = "fp32"
-        self.graph_name = f"QKSModel.query_features ({self.device.type}, eager)"
+        self.precision = "bf16" if bf16 else "fp32"
+        self.graph_name = f"QKSModel.query_features ({self.device.type}, eager{', bf16 autocast' if bf16 else ''})"
         self.inputs = [TensorInfo("pixels", "float32", ("batch", 3, size, size))]
         self.outputs = [TensorInfo("query_features", "float32", ("batch", nq, d))]
         self.threads = torch.get_num_threads()
 
     def _run(self, feeds):
         torch = self.torch
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             x = torch.from_numpy(feeds["pixels"]).to(self.device)
             qf = self.model.query_features(x)
             return {"query_features": qf.float().cpu().numpy()}
@@ -415,31 +576,119 @@ def _record(backend: str, precision: str, graph: str, batch: int, stage: str, ms
 
 
 # ---------------------------------------------------------------------------------------------
+# parity and peak beside every speed
+
+
+def _query_features(engine, pixels: np.ndarray, batch: int) -> np.ndarray:
+    step = min(batch, getattr(engine, "max_batch", None) or batch)
+    name = engine.inputs[0].name
+    return np.concatenate([engine.run({name: pixels[i:i + step]})[engine.outputs[0].name]
+                           for i in range(0, len(pixels), step)])
+
+
+def parity_metrics(qf: np.ndarray, ref: np.ndarray, embeddings: np.ndarray, k: int = 5) -> dict:
+    """Worst cosine per image and per query vector of `qf` against `ref` [B, Nq, D], and the mean
+    top-k label agreement of max-over-queries scores against `embeddings`; `gate`: the INT8 gate."""
+    def cos(a, b):
+        a, b = a.astype(np.float64), b.astype(np.float64)
+        return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-30)
+
+    k = min(k, len(embeddings))
+    top = [np.argsort(-score_logits(x, embeddings), axis=1, kind="stable")[:, :k] for x in (qf, ref)]
+    agree = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(*top, strict=True)]))
+    image_cos = float(cos(qf.reshape(len(qf), -1), ref.reshape(len(ref), -1)).min())
+    out = {"cosine_min": image_cos, "query_cosine_min": float(cos(qf, ref).min()), f"top{k}_agreement": agree,
+           "finite": bool(np.isfinite(qf).all())}
+    out["gate"] = out["finite"] and image_cos >= GATE["cosine_min"] and agree >= GATE["top5_agreement_min"]
+    return out
+
+
+def measure_parity(bundle: Bundle, engines: list, files: list[Path], bank, batch: int, log) -> dict[int, dict]:
+    """{id(engine): parity against the fp32 reference} on the decoded `files`: PyTorch fp32 when it
+    is among the engines, else ONNX Runtime CPU's fp32 graph."""
+    if not files:
+        return {}
+    pixels = []
+    for f in files:
+        with contextlib.suppress(PreprocessError):
+            pixels.append(bundle.preprocess.load(f))
+    if not pixels:
+        return {}
+    pixels = np.stack(pixels)
+    ref_engine = next((e for b, e in engines if b == "torch" and e.precision == "fp32"), None)
+    opened = None
+    if ref_engine is None:
+        try:
+            opened, _ = select_backend(bundle, "ort-cpu", precision="fp32")
+        except EngineError as e:
+            log(f"no parity: the fp32 reference cannot run ({e})")
+            return {}
+        ref_engine = opened
+    reference = f"{ref_engine.backend} fp32"
+    log(f"parity: {len(pixels)} images against {reference}")
+    try:
+        ref = _query_features(ref_engine, pixels, batch)
+        out = {}
+        for _backend, engine in engines:
+            try:
+                got = _query_features(engine, pixels, batch)
+            except EngineError as e:
+                out[id(engine)] = {"error": str(e)}
+                continue
+            out[id(engine)] = {**parity_metrics(got, ref, bank.embeddings), "reference": reference,
+                               "images": len(pixels)}
+        return out
+    finally:
+        if opened is not None:
+            opened.close()
+
+
+def _work_per_image(bundle: Bundle, log) -> float | None:
+    """Matrix-product FLOPs per image of the bundle's fp32 image graph (None without onnx/the graph)."""
+    graph = bundle.graphs.get("image_encoder")
+    try:
+        return graph_flops(graph.path) if graph else None
+    except Exception as e:  # a graph ONNX Runtime cannot profile: no fraction of peak, said once
+        log(f"no FLOP count: {type(e).__name__}: {str(e)[:120]}")
+        return None
+
+
+def _peak_engine(backend: str) -> str:
+    return {"ort-cpu": "ort", "openvino": "openvino", "torch": "torch"}.get(backend, backend)
+
+
+# ---------------------------------------------------------------------------------------------
 # the run
 
 
 def _open_engines(bundle: Bundle, backends: list[str], precisions: list[str], ckpt, threads, device_id,
                   cuda_graph, torch_device, log) -> tuple[list[tuple[str, object]], list[dict]]:
     engines, skipped = [], []
+    every = "all" in precisions
     for backend in backends:
         if backend == "torch":
             if ckpt is None:
                 skipped.append({"backend": "torch", "reason": "no --ckpt given"})
                 continue
-            try:
-                engines.append(("torch", TorchEngine(ckpt, torch_device, threads)))
-            except EngineError as e:
-                skipped.append({"backend": "torch", "reason": str(e)})
-                log(f"skipping torch: {e}")
+            wanted = [p for p in TORCH_PRECISIONS if every or p in precisions] or ["fp32"]
+            for precision in dict.fromkeys(["fp32", *wanted]):  # fp32: the baseline every ratio divides by
+                try:
+                    engines.append(("torch", TorchEngine(ckpt, torch_device, threads, bf16=precision == "bf16")))
+                except EngineError as e:
+                    skipped.append({"backend": "torch", "precision": precision, "reason": str(e)})
+                    log(f"skipping torch {precision}: {e}")
+                    break
             continue
         seen_graphs = set()
-        for precision in (precisions if backend != "tensorrt" else ["auto"]):
+        spec = REGISTRY[backend]
+        for precision in (("auto", *spec.precisions) if every else precisions) if backend != "tensorrt" else ["auto"]:
             try:
                 engine, reason = select_backend(bundle, backend, threads=threads, device_id=device_id,
                                                 cuda_graph=cuda_graph, precision=precision)
             except EngineError as e:
-                skipped.append({"backend": backend, "precision": precision, "reason": str(e)})
-                log(f"skipping {backend} {precision}: {e}")
+                if not any(x["backend"] == backend and x["reason"] == str(e) for x in skipped):  # once per cause
+                    skipped.append({"backend": backend, "precision": precision, "reason": str(e)})
+                    log(f"skipping {backend} {precision}: {e}")
                 continue
             key = getattr(engine, "graph_name", None) or reason
             if key in seen_graphs:  # "auto" resolved to a precision already listed
@@ -457,7 +706,8 @@ def run_bench(bundle_dir: str | Path, backends: list[str], batch_sizes: list[int
               labels: str | None = None, iters: int = 20, warmup: int = 3, images: str | Path | None = None,
               threads: int | None = None, workers: int | None = None, ckpt: str | Path | None = None,
               e2e_batches: int | None = None, rounds: int = 1, end_to_end: bool = True, device_id: int = 0,
-              cuda_graph: bool = False, torch_device: str = "auto", log=None) -> dict:
+              cuda_graph: bool = False, torch_device: str = "auto", parity: bool = True, peak: bool = False,
+              log=None) -> dict:
     """Measure and return the report dict (see the module docstring)."""
     log = log or (lambda msg: None)
     bundle = Bundle.load(bundle_dir)
@@ -473,7 +723,8 @@ def run_bench(bundle_dir: str | Path, backends: list[str], batch_sizes: list[int
     try:
         image_note = None
         folders: dict[int, Path] = {}
-        if end_to_end:
+        files: list[Path] = []
+        if end_to_end or parity:
             if images is not None:
                 files = [Path(images) / p for p in find_images(images)]
                 if not files:
@@ -486,7 +737,7 @@ def run_bench(bundle_dir: str | Path, backends: list[str], batch_sizes: list[int
                 image_note = (f"{n} synthetic {GENERATED_SIZE[0]}x{GENERATED_SIZE[1]} JPEGs (quality 90; PIL-drawn "
                               "gradients, shapes and mild noise; not photos), cycled to batch x "
                               f"{e2e_batches} images")
-            for b in batch_sizes:
+            for b in batch_sizes if end_to_end else []:
                 folders[b] = _link_folder(files, work / f"e2e_b{b}", b * e2e_batches)
 
         samples: dict[tuple, dict] = {}
@@ -509,9 +760,13 @@ def run_bench(bundle_dir: str | Path, backends: list[str], batch_sizes: list[int
                         log(f"round {r + 1}/{rounds}: {backend} {engine.precision} batch {b}: end to end")
                         s["e2e"].append(measure_end_to_end(engine, bank, bundle.preprocess, bundle.scoring,
                                                            folders[b], b, workers, work))
+        agreement = measure_parity(bundle, engines, files[:PARITY_IMAGES], bank, min(batch_sizes), log) if parity else {}
+        work_per_image = _work_per_image(bundle, log) if peak else None
+        peaks = gemm_peak(threads=threads) if peak else {}
         results = []
         for backend, engine in engines:
             graph = getattr(engine, "graph_name", None) or getattr(engine, "reason", backend)
+            speed_extra = {"parity": agreement.get(id(engine))}
             for b in batch_sizes:
                 s = samples.get((backend, engine.precision, b))
                 if s is None:
@@ -522,9 +777,14 @@ def run_bench(bundle_dir: str | Path, backends: list[str], batch_sizes: list[int
                     dp = _pct(s["device"])
                     extra = {"device_p50_ms": dp["p50_ms"], "device_p95_ms": dp["p95_ms"], "device_p99_ms": dp["p99_ms"],
                              "device_images_per_s": b * 1e3 / dp["p50_ms"]}
-                results.append(_record(backend, engine.precision, graph, b, "engine", s["engine"],
-                                       b * 1e3 / p["p50_ms"], s["engine_rounds"],
-                                       {"engine": p["p50_ms"] / b}, timing="host wall clock per run", **extra))
+                ips = b * 1e3 / p["p50_ms"]
+                if work_per_image:
+                    gops = work_per_image * ips / 1e9
+                    top = peaks.get(f"{_peak_engine(backend)}_{engine.precision}") or peaks.get(f"best_{engine.precision}")
+                    extra.update(gops=gops, fraction_of_peak=gops / top if top else None)
+                results.append(_record(backend, engine.precision, graph, b, "engine", s["engine"], ips,
+                                       s["engine_rounds"], {"engine": p["p50_ms"] / b},
+                                       timing="host wall clock per run", **speed_extra, **extra))
                 if s["e2e"]:
                     periods = [x for run in s["e2e"] for x in run["periods_ms"]]
                     wall = sum(run["wall_s"] for run in s["e2e"])
@@ -540,8 +800,9 @@ def run_bench(bundle_dir: str | Path, backends: list[str], batch_sizes: list[int
                         steady_fraction_of_engine=steady / eng_ips,
                         images=imgs, errors=sum(run["errors"] for run in s["e2e"]),
                         first_batch_ms=float(np.mean([run["first_batch_ms"] or 0 for run in s["e2e"]])),
-                        workers=s["e2e"][0]["workers"], timing="per-batch period in run_folder"))
-        base = {(r["batch"], r["stage"]): r["images_per_s"] for r in results if r["backend"] == "torch"}
+                        workers=s["e2e"][0]["workers"], timing="per-batch period in run_folder", **speed_extra))
+        base = {(r["batch"], r["stage"]): r["images_per_s"] for r in results
+                if r["backend"] == "torch" and r["precision"] == "fp32"}
         for r in results:
             ref = base.get((r["batch"], r["stage"]))
             r["ratio_to_torch"] = r["images_per_s"] / ref if ref else None
@@ -570,7 +831,15 @@ def run_bench(bundle_dir: str | Path, backends: list[str], batch_sizes: list[int
             "images": image_note,
             "torch": ("--ckpt: qks.checkpoint.model_from_checkpoint(...).query_features, fp32 eager, torch.no_grad(), "
                       "torch threads = " + (str(threads) if threads else "torch default")),
-            "ratio_to_torch": "images_per_s / the torch record's images_per_s at the same batch and stage",
+            "ratio_to_torch": "images_per_s / the torch fp32 record's images_per_s at the same batch and stage",
+            "parity": (f"query features of up to {PARITY_IMAGES} of the images (decoded by the bundle's preprocessing) "
+                       "against PyTorch fp32 (--ckpt) or else ONNX Runtime CPU's fp32 graph: worst cosine per image "
+                       "and per query, top-5 agreement of max-over-queries scores against the label bank; gate: "
+                       f"{GATE}") if parity else None,
+            "peak": ("gops: the fp32 image graph's matrix-product FLOPs per image (counted from an ONNX Runtime "
+                     "profile) x images_per_s; fraction_of_peak: gops / the measured n^3 GEMM peak of the same "
+                     "engine and precision (gemm_peak), else the best engine's") if peak else None,
+            "gemm_peak": peaks or None, "flops_per_image": work_per_image,
             "iters": iters, "warmup": warmup, "rounds": rounds, "e2e_batches": e2e_batches,
             "threads": threads, "labels": len(bank), "label_source": bank.source, "engines": used,
         },
@@ -595,10 +864,16 @@ def format_table(report: dict) -> str:
              f"{model['labels']} labels, {model['image_size']}px",
              ""]
     head = (f"{'backend':<9} {'prec':<5} {'batch':>5} {'stage':<10} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} "
-            f"{'img/s':>8} {'x torch':>7}  per-image ms: decode / preprocess / engine / score")
+            f"{'img/s':>8} {'x torch':>7} {'cos min':>8} {'top-5':>6} {'gate':>4} {'peak':>5}  "
+            "per-image ms: decode / preprocess / engine / score")
     lines += [head, "-" * len(head)]
     for r in report["results"]:
         ratio = f"{r['ratio_to_torch']:.2f}" if r["ratio_to_torch"] else "-"
+        par = r.get("parity") or {}
+        cos = f"{par['cosine_min']:.5f}" if "cosine_min" in par else "-"
+        top5 = f"{par['top5_agreement']:.1%}" if "top5_agreement" in par else "-"
+        gate = ("pass" if par["gate"] else "FAIL") if "gate" in par else "-"
+        peak = f"{r['fraction_of_peak']:.0%}" if r.get("fraction_of_peak") else "-"
         st = r["stages"]
         stages = (f"{st['decode']:.1f} / {st['preprocess']:.1f} / {st['engine']:.1f} / {st['score']:.2f}"
                   if r["stage"] == "end_to_end" else f"engine {st['engine']:.1f}")
@@ -607,7 +882,8 @@ def format_table(report: dict) -> str:
         if "device_p50_ms" in r:
             stages += f"  device p50 {r['device_p50_ms']:.2f} ms"
         lines.append(f"{r['backend']:<9} {r['precision']:<5} {r['batch']:>5} {r['stage']:<10} {r['p50_ms']:>9.2f} "
-                     f"{r['p95_ms']:>9.2f} {r['p99_ms']:>9.2f} {r['images_per_s']:>8.2f} {ratio:>7}  {stages}")
+                     f"{r['p95_ms']:>9.2f} {r['p99_ms']:>9.2f} {r['images_per_s']:>8.2f} {ratio:>7} {cos:>8} {top5:>6} "
+                     f"{gate:>4} {peak:>5}  {stages}")
     for s in report["skipped"]:
         lines.append(f"skipped {s['backend']}{' ' + s['precision'] if s.get('precision') else ''}"
                      f"{' batch ' + str(s['batch']) if s.get('batch') else ''}: {s['reason']}")
@@ -626,12 +902,12 @@ def _csv_list(value: str, what: str, cast=str) -> list:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--bundle", "bundle_dir", default="./bundle", show_default=True, type=click.Path(path_type=Path))
-@click.option("--backends", default="ort-cpu,ort-cuda,tensorrt,torch", show_default=True,
-              help="Comma-separated: ort-cpu, ort-cuda, tensorrt, torch (torch needs --ckpt). Those that cannot "
-                   "run here are listed as skipped.")
+@click.option("--backends", default=",".join(BENCH_BACKENDS), show_default=True,
+              help=f"Comma-separated: {', '.join(BENCH_BACKENDS)} (torch needs --ckpt). Those that cannot run here "
+                   "are listed as skipped.")
 @click.option("--precision", "precisions", default="auto", show_default=True,
-              help="ONNX image graph(s) for the ONNX Runtime backends, comma-separated: auto (what qks-infer "
-                   "picks), fp32, fp16, int8.")
+              help="Image graph precision(s), comma-separated: auto (what qks-infer picks), fp32, fp16, int8, bf16, "
+                   "or all (every precision each backend runs; torch: fp32 and bf16 autocast).")
 @click.option("--batch-sizes", default="1,8,32", show_default=True)
 @click.option("--labels", type=click.Path(dir_okay=False), help="Label file for scoring (default: the bundle's bank).")
 @click.option("--iters", type=click.IntRange(1), default=20, show_default=True, help="Timed runs per round.")
@@ -648,19 +924,22 @@ def _csv_list(value: str, what: str, cast=str) -> list:
               help="Training checkpoint: adds the PyTorch fp32 eager baseline (needs torch).")
 @click.option("--torch-device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--cuda-graph", is_flag=True, help="TensorRT: replay full batches as a captured CUDA graph.")
+@click.option("--no-parity", is_flag=True, help="Skip parity (cosine and top-5 agreement against fp32 on --images).")
+@click.option("--peak", is_flag=True, help="Measure the GEMM peak per engine and precision and give every row's "
+              "GOP/s as a fraction of it.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the JSON report here.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines on stderr.")
 def _bench(bundle_dir, backends, precisions, batch_sizes, labels, iters, warmup, rounds, images, e2e_batches,
-           no_end_to_end, threads, workers, ckpt, torch_device, cuda_graph, out, quiet):
+           no_end_to_end, threads, workers, ckpt, torch_device, cuda_graph, no_parity, peak, out, quiet):
     """Latency and throughput of a bundle per backend and batch size, against the PyTorch baseline."""
     backends = _csv_list(backends, "backend")
     bad = [b for b in backends if b not in BENCH_BACKENDS]
     if bad:
         raise click.BadParameter(f"unknown backend {bad[0]!r} (one of {', '.join(BENCH_BACKENDS)})")
     precisions = _csv_list(precisions, "precision")
-    bad = [p for p in precisions if p not in PRECISIONS]
+    bad = [p for p in precisions if p not in (*PRECISIONS, "all")]
     if bad:
-        raise click.BadParameter(f"unknown precision {bad[0]!r} (one of {', '.join(PRECISIONS)})")
+        raise click.BadParameter(f"unknown precision {bad[0]!r} (one of {', '.join(PRECISIONS)}, all)")
     sizes = _csv_list(batch_sizes, "batch size", int)
     if any(b < 1 for b in sizes):
         raise click.BadParameter("batch sizes must be >= 1")
@@ -668,7 +947,7 @@ def _bench(bundle_dir, backends, precisions, batch_sizes, labels, iters, warmup,
     report = run_bench(bundle_dir, backends, sizes, precisions=precisions, labels=labels, iters=iters, warmup=warmup,
                        images=images, threads=threads, workers=workers, ckpt=ckpt, e2e_batches=e2e_batches,
                        rounds=rounds, end_to_end=not no_end_to_end, cuda_graph=cuda_graph,
-                       torch_device=torch_device, log=log)
+                       torch_device=torch_device, parity=not no_parity, peak=peak, log=log)
     click.echo(format_table(report))
     if out is not None:
         out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

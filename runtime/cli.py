@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from ..engines.base import EngineError
-from .backend import BACKENDS, PRECISIONS, select_backend
+from .backend import BACKENDS, PRECISIONS, label_device, select_backend
 from .bundle import Bundle
 from .infer import InferError, InferOptions, run_folder
 from .labels import LabelBank, LabelError, read_label_file, save_bank
@@ -73,8 +73,8 @@ BANK = click.option("--bank", help="Name of a label bank stored in the bundle (q
 BACKEND = click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
                        help="Inference backend; auto picks the fastest that works and says why.")
 PRECISION = click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
-                         help="ONNX image graph for the ONNX Runtime backends; auto: int8 (if exported) on the CPU, fp16 "
-                              "on CUDA, else fp32.")
+                         help="Image graph precision; auto: int8 (if exported) on the CPU, fp16 on CUDA, else fp32 "
+                              "(bf16: --backend openvino).")
 BATCH_SIZE = click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
 THREADS = click.option("--threads", type=click.IntRange(1), help="ONNX Runtime intra-op threads (default: all cores).")
 TOP_K = click.option("--top-k", type=click.IntRange(1), help="Keep the k most probable labels per image.")
@@ -121,7 +121,7 @@ def _infer(images, labels, bundle_dir, bank, backend, precision, batch_size, wor
                                         precision=precision)
         click.echo(f"{prog}: backend {reason}", err=True)
         try:  # new labels are encoded on the GPU when the images run on one
-            label_bank = _bank(bundle, labels, bank, threads, "cpu" if engine.backend == "ort-cpu" else "cuda",
+            label_bank = _bank(bundle, labels, bank, threads, label_device(engine),
                                not no_progress)
         except BaseException:
             engine.close()

@@ -207,10 +207,10 @@ def check_backend(bundle: Bundle, backend: str, precision: str, threads: int | N
         engine, reason = select_backend(bundle, backend, threads=threads, precision=precision)
         engine.close()
         click.echo(f"{PROG}: backend {reason}", err=True)
-    elif precision != "auto" and backend != "tensorrt":
-        from .backend import _ort_graph
+    else:
+        from .backend import check_precision
 
-        _ort_graph(bundle, "cpu", precision)
+        check_precision(bundle, backend, precision)
 
 
 def image_dataset(ray, names: list[str], batch_size: int):

@@ -262,3 +262,32 @@ def test_fp16_graph_on_ort_cpu(runtime_bundle):
         b = fp16.run({"pixels": x})["query_features"]
     cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
     assert cos.min() > 0.999
+
+
+def test_backends_come_from_one_registry():
+    """The CLI choices, auto's order and qks-bench's list all derive from runtime.backend.REGISTRY."""
+    from qks.runtime import backend as B
+    from qks.runtime.bench import BENCH_BACKENDS
+    from qks.runtime.cli import _infer
+
+    assert list(B.REGISTRY) == ["tensorrt", "ort-cuda", "openvino", "ort-cpu"]  # auto's order
+    assert B.BACKENDS == ("auto", *B.REGISTRY)
+    assert BENCH_BACKENDS == (*B.REGISTRY, "torch")
+    (choice,) = [p.type.choices for p in _infer.params if p.name == "backend"]
+    assert tuple(choice) == B.BACKENDS
+    assert {b.device for b in B.REGISTRY.values()} == {"cpu", "gpu"}
+    for spec in B.REGISTRY.values():
+        assert spec.precisions and set(spec.precisions) <= set(B.PRECISIONS) and spec.help
+
+
+def test_check_precision_without_opening_an_engine(runtime_bundle):
+    from qks.runtime.backend import check_precision
+    from qks.runtime.bundle import Bundle
+
+    b = Bundle.load(runtime_bundle)
+    check_precision(b, "auto", "fp16")  # the bundle has the fp16 graph
+    check_precision(b, "openvino", "bf16")
+    with pytest.raises(EngineError, match="no int8 image graph"):
+        check_precision(b, "ort-cpu", "int8")
+    with pytest.raises(EngineError, match="ort-cpu runs precision fp32, fp16, int8, not bf16"):
+        check_precision(b, "ort-cpu", "bf16")

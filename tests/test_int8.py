@@ -63,6 +63,11 @@ def test_int8_graph_is_recorded_with_its_parity(int8_bundle):
     assert ops["integer_ops"]["MatMulInteger"] > 0 and ops["integer_ops"]["DynamicQuantizeLinear"] > 0
     assert "Gemm" not in ops["float_ops_left"] and ops["method"] == "dynamic" and ops["per_channel"]
     assert ops["scope"] == "tokens" and ops["fuse_gelu"] and sum(ops["fused_ops"].values()) > 0
+    # the fused graph: the trunk's 2 attentions as QAttention (INT8 QKV product), the head's 2
+    # self-attentions fp32 (the query path stays fp32), its 2 cross-attentions as MultiHeadAttention
+    assert ops["fuse"] and "fuse_fallback" not in ops
+    assert ops["integer_ops"]["QAttention"] == 2 and ops["fused_ops"]["Attention"] == 2
+    assert ops["fused_ops"]["MultiHeadAttention"] == 2 and ops["fused_ops"]["SkipLayerNormalization"] > 0
     Bundle.load(int8_bundle)  # the manifest still checks (sha256 of every file)
 
 
@@ -146,3 +151,52 @@ def test_qks_export_int8_writes_the_verified_graph(tiny_checkpoint, tmp_path):
     assert rec["verification"]["top5_agreement"] >= rec["verification"]["tolerance"]["top5_agreement_min"]
     engine, reason = select_backend(Bundle.load(out), "ort-cpu", precision="auto")
     assert "int8" in reason
+
+
+# -- the fused graph (qks.export.fuse) ------------------------------------------------------------------
+
+
+def test_fused_fp32_graph_is_the_same_function(runtime_bundle, tmp_path):
+    import onnx
+    from qks.export.fuse import fuse_image_graph, verify_fused
+
+    src = runtime_bundle / "image_encoder.onnx"
+    model, stats = fuse_image_graph(onnx.load(str(src)))
+    assert stats["Attention"] == 4 and stats["MultiHeadAttention"] == 2 and stats["unfused_softmax"] == 0
+    assert stats["SkipLayerNormalization"] > 0 and stats["BiasGelu"] == 4
+    ops = [n.op_type for n in model.graph.node]
+    assert "Softmax" not in ops and ops.count("Transpose") <= 1  # only the patch embedding's is left
+    fused = tmp_path / "fused.onnx"
+    onnx.save(model, str(fused))
+    onnx.checker.check_model(str(fused))
+    pixels = np.random.default_rng(3).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    m = verify_fused(fused, src, pixels)
+    assert m["rel_err"] < 1e-5 and m["query_cosine_min"] > 0.999999
+    # a wrong rewrite (heads split differently) is caught by the same check
+    attn = next(n for n in model.graph.node if n.op_type == "Attention")
+    next(a for a in attn.attribute if a.name == "num_heads").i = 1
+    onnx.save(model, str(fused))
+    with pytest.raises(ExportError, match="the attention fusion changed the result"):
+        verify_fused(fused, src, pixels)
+
+
+def test_int8_falls_back_to_the_unfused_graph_when_fusion_fails(runtime_bundle, tmp_path, monkeypatch):
+    import shutil
+
+    import qks.export.fuse as fuse
+    from qks.export.int8 import make_int8_graph
+
+    def broken(*a, **k):
+        raise ExportError("verification failed: fused image graph differs")
+
+    monkeypatch.setattr(fuse, "verify_fused", broken)
+    bundle = Bundle.load(runtime_bundle)
+    d = tmp_path / "b"
+    d.mkdir()
+    shutil.copy(bundle.graphs["image_encoder"].path, d / "image_encoder.onnx")
+    pixels = np.random.default_rng(4).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    ref = ort_session(d / "image_encoder.onnx").run(None, {"pixels": pixels})[0]
+    ver, summary = make_int8_graph(d, {"random": pixels}, {"random": ref}, np.load(bundle.banks["default"].path))
+    assert summary["fuse"] is False and "fused graph not used" in summary["fuse_fallback"]
+    assert "QAttention" not in summary["integer_ops"] and summary["integer_ops"]["MatMulInteger"] > 0
+    assert ver["top5_agreement"] >= 0.99 and (d / GRAPH_FILE).is_file()
