@@ -96,17 +96,20 @@ def _stats(http_client) -> tuple[int, int]:
     return int(s.get("inference_count", 0)), int(s.get("execution_count", 0))
 
 
-def load_level(mod, url: str, stats_url: str, blobs: list[bytes], clients: int, requests: int, timeout: float) -> dict:
-    """`clients` threads send one-image requests until `requests` were sent in all."""
+def drive(open_client, send, blobs: list[bytes], clients: int, requests: int, timeout: float, counters) -> dict:
+    """`clients` threads, each with its own client (`open_client()`, a context manager), send one-image
+    requests (`send(client, blob)`, raising on failure) one after another until `requests` were sent
+    in all, after 2 warm-up requests each. `counters()` -> (images, engine runs) so far on the server:
+    their growth over the level gives the mean batch."""
     counter = iter(range(requests))
     lock = threading.Lock()
     latencies, failures = [], []
     deadline = time.monotonic() + timeout
 
     def worker(k: int) -> None:
-        with mod.InferenceServerClient(url) as client:
+        with open_client() as client:
             for i in range(2):  # warm-up: connection, first execution
-                client.infer("qks", _image_input(mod, blobs[(k + i) % len(blobs)]))
+                send(client, blobs[(k + i) % len(blobs)])
             start_barrier.wait()
             while time.monotonic() < deadline:
                 with lock:
@@ -115,7 +118,7 @@ def load_level(mod, url: str, stats_url: str, blobs: list[bytes], clients: int, 
                     return
                 t0 = time.perf_counter()
                 try:
-                    client.infer("qks", _image_input(mod, blobs[i % len(blobs)]))
+                    send(client, blobs[i % len(blobs)])
                     latencies.append(time.perf_counter() - t0)
                 except Exception as e:  # counted, reported
                     failures.append(f"{type(e).__name__}: {str(e)[:200]}")
@@ -124,14 +127,11 @@ def load_level(mod, url: str, stats_url: str, blobs: list[bytes], clients: int, 
     threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(clients)]
     for t in threads:
         t.start()
-    import tritonclient.http as http
-
-    with http.InferenceServerClient(stats_url) as stats_client:
-        start_barrier.wait()
-        before, t0 = _stats(stats_client), time.perf_counter()
-        for t in threads:
-            t.join(max(1.0, deadline - time.monotonic()))
-        wall, after = time.perf_counter() - t0, _stats(stats_client)
+    start_barrier.wait()
+    before, t0 = counters(), time.perf_counter()
+    for t in threads:
+        t.join(max(1.0, deadline - time.monotonic()))
+    wall, after = time.perf_counter() - t0, counters()
     lat = np.array(latencies) * 1000
     done = len(latencies) + len(failures)
     executions = after[1] - before[1]
@@ -142,6 +142,15 @@ def load_level(mod, url: str, stats_url: str, blobs: list[bytes], clients: int, 
             "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
             "mean_batch": (after[0] - before[0]) / executions if executions else None,
             "timed_out": done < requests}
+
+
+def load_level(mod, url: str, stats_url: str, blobs: list[bytes], clients: int, requests: int, timeout: float) -> dict:
+    """Triton: `clients` threads, each with its own tritonclient (HTTP or gRPC), send encoded images."""
+    import tritonclient.http as http
+
+    with http.InferenceServerClient(stats_url) as stats_client:
+        return drive(lambda: mod.InferenceServerClient(url), lambda c, blob: c.infer("qks", _image_input(mod, blob)),
+                     blobs, clients, requests, timeout, lambda: _stats(stats_client))
 
 
 def _image_input(mod, blob: bytes):
@@ -163,31 +172,46 @@ def serve_versions(python: Path) -> dict:
     return json.loads(subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
-def table(result: dict) -> str:
+def table(result: dict, columns: tuple[str, ...] = ("server", "protocol"),
+          cells=lambda lv: ["Triton python backend", lv["protocol"]]) -> str:
+    """The Markdown table: qks-infer first, then one row per level; `cells(level)` fills `columns`."""
     qi = result["qks_infer"]
-    rows = ["| server | protocol | clients | requests | failed | requests/s | p50 ms | p95 ms | p99 ms | mean batch |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-            f"| qks-infer (folder, batch 16) | - | - | {qi['images']} | {qi['errors']} | {qi['images_per_s']:.1f} "
-            "(images/s) | - | - | - | 16 |"]
+    head = [*columns, "clients", "requests", "failed", "requests/s", "p50 ms", "p95 ms", "p99 ms", "mean batch"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+            "| " + " | ".join(["qks-infer (folder, batch 16)"] + ["-"] * len(columns)) +
+            f" | {qi['images']} | {qi['errors']} | {qi['images_per_s']:.1f} (images/s) | - | - | - | 16 |"]
     for lv in result["levels"]:
-        rows.append(f"| Triton python backend | {lv['protocol']} | {lv['clients']} | {lv['requests']} | {lv['failed']} | "
+        rows.append("| " + " | ".join(cells(lv)) + f" | {lv['clients']} | {lv['requests']} | {lv['failed']} | "
                     f"{lv['requests_per_s']:.1f} | {lv['p50_ms']:.1f} | {lv['p95_ms']:.1f} | {lv['p99_ms']:.1f} | "
                     f"{lv['mean_batch']:.2f} |")
     return "\n".join(rows)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def common_args(ap: argparse.ArgumentParser) -> None:
+    """The options both load benchmarks take (this one and serve_load.py)."""
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--bundle", type=Path, help="an existing bundle")
     src.add_argument("--lite-bundle", type=Path, help="the lite bundle's folder (made if missing)")
     ap.add_argument("--requests", type=int, default=400, help="requests per level (and images for qks-infer)")
     ap.add_argument("--clients", default="1,4,16")
-    ap.add_argument("--protocols", default="http,grpc")
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--level-timeout", type=float, default=300.0, help="seconds at most per level")
     ap.add_argument("--serve-venv", type=Path, default=ROOT / ".venv-serve")
     ap.add_argument("--out", type=Path, help="write the results as JSON")
+
+
+def the_bundle(args) -> Path:
+    bundle = args.bundle or args.lite_bundle
+    if args.lite_bundle and not (bundle / "manifest.json").is_file():
+        print(f"== making the lite bundle in {bundle}", flush=True)
+        make_lite_bundle(bundle)
+    return bundle
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common_args(ap)
+    ap.add_argument("--protocols", default="http,grpc")
     args = ap.parse_args()
 
     import tritonclient.grpc as grpc
@@ -195,10 +219,7 @@ def main() -> None:
     from qks.export.triton import write_python_repository
     from qks.serving.triton_server import TritonServer
 
-    bundle = args.bundle or args.lite_bundle
-    if args.lite_bundle and not (bundle / "manifest.json").is_file():
-        print(f"== making the lite bundle in {bundle}", flush=True)
-        make_lite_bundle(bundle)
+    bundle = the_bundle(args)
     work = Path(tempfile.mkdtemp(prefix="qks-triton-load-"))
     try:
         images = make_images(work / "images", args.requests)

@@ -164,10 +164,15 @@ class RecordBuilder:
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
     def __call__(self, items: list[tuple]) -> list[dict]:
+        pixels = [arr for _rel, arr, _err in items if arr is not None]
+        return self.records(items, self._query_features(np.stack(pixels)) if pixels else None)
+
+    def records(self, items: list[tuple], qf: np.ndarray | None) -> list[dict]:
+        """The records of `items` from the query features of their decoded images (in order; None when
+        none decoded), computed elsewhere: qks-serve runs one engine batch for many requests."""
         ok = [i for i, (_rel, arr, _err) in enumerate(items) if arr is not None]
         probs, bad = {}, set()
         if ok:
-            qf = self._query_features(np.stack([items[i][1] for i in ok]))
             lg = score_logits(qf, self.embeddings, self.mode, self.k)
             # inf logits would become probabilities 0/1: test the raw outputs, not the sigmoid
             finite = np.isfinite(qf.reshape(len(ok), -1)).all(axis=1) & np.isfinite(lg).all(axis=1)
