@@ -32,7 +32,9 @@ BATCH = 200
 
 # qks-tag names the formats it does not read (BMP, TIFF, WebP, ...) in its error; qks-infer reads them.
 OTHER_FORMAT = "(qks-tag reads JPEG, PNG and GIF; qks-infer reads it)"
-# Inputs whose difference is Pillow's accident, not ours: sha256 of the file -> why (FUZZING.md).
+# Inputs whose difference is not in qks's code: sha256 of the file -> why (FUZZING.md, "Known differences").
+# A JPEG whose difference goes away when libqks runs on Pillow's own libjpeg-turbo (3.2, bundled in its
+# wheel, against Debian bookworm's 2.1.5) is classified "libjpeg" automatically, not listed here.
 KNOWN: dict[str, str] = {}
 
 
@@ -46,12 +48,26 @@ class Outcome:
         return "skipped" if self.skipped else "error" if self.error is not None else "tensor"
 
 
-def cpp_outcomes(driver: Path, files: list[Path]) -> list[Outcome]:
+def pillow_libjpeg() -> str:
+    """The libjpeg-turbo Pillow's wheel bundles (pillow.libs/libjpeg-*.so.62*)."""
+    import PIL
+
+    libs = sorted((Path(PIL.__file__).parent.parent / "pillow.libs").glob("libjpeg-*.so.62*"))
+    if not libs:
+        raise SystemExit("differential: no libjpeg in pillow.libs (a Pillow not installed from its wheel?)")
+    return str(libs[-1])
+
+
+def cpp_outcomes(driver: Path, files: list[Path], preload: str | None = None) -> list[Outcome]:
+    env = {"ASAN_OPTIONS": "detect_leaks=1", "UBSAN_OPTIONS": "halt_on_error=1"}
+    if preload:  # libqks on another libjpeg of the same ABI (libjpeg.so.62): the library's share of a difference
+        env = {"LD_PRELOAD": preload, "ASAN_OPTIONS": "detect_leaks=1:verify_asan_link_order=0",
+               "UBSAN_OPTIONS": "halt_on_error=1"}
     out = []
     for i in range(0, len(files), BATCH):
         batch = files[i:i + BATCH]
         res = subprocess.run([str(driver), *map(str, batch)], capture_output=True, text=True,
-                             env={"ASAN_OPTIONS": "detect_leaks=1", "UBSAN_OPTIONS": "halt_on_error=1"})
+                             env=env)
         if res.returncode != 0:  # a sanitizer report or a crash: find the file it happened on
             done = len(res.stdout.splitlines())
             raise SystemExit(f"qks_fuzz_pixels failed on {batch[done]} (exit {res.returncode}):\n{res.stderr[-3000:]}")
@@ -82,12 +98,12 @@ def collect(paths: list[str]) -> list[Path]:
     return files
 
 
-def compare(files: list[Path], driver: Path) -> dict[str, list]:
-    """{"agree": [...], "text": [(file, py, cpp)], "diverge": [(file, py, cpp)], "skipped": [...], "known": [...]}"""
-    result = {k: [] for k in ("agree", "text", "diverge", "skipped", "known", "other_format")}
+def compare(files: list[Path], driver: Path, preload: str | None = None) -> dict[str, list]:
+    """{"agree", "known", "libjpeg", "skipped", "other_format": [file], "text", "diverge": [(file, python, c++)]}"""
+    result = {k: [] for k in ("agree", "text", "diverge", "skipped", "known", "other_format", "libjpeg")}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Pillow's DecompressionBombWarning, EXIF and palette notes
-        outcomes = [(f, c, None if c.skipped else python_outcome(f)) for f, c in zip(files, cpp_outcomes(driver, files),
+        outcomes = [(f, c, None if c.skipped else python_outcome(f)) for f, c in zip(files, cpp_outcomes(driver, files, preload),
                                                                                       strict=True)]
     for f, c, p in outcomes:
         if c.skipped or (c.error or "").endswith(OTHER_FORMAT):
@@ -98,10 +114,15 @@ def compare(files: list[Path], driver: Path) -> dict[str, list]:
             result["agree"].append(f)
         elif p.kind() == c.kind() == "error":
             result["agree" if p.error == c.error else "text"].append(f if p.error == c.error else (f, p, c))
-        elif digest in KNOWN:
+        elif digest in KNOWN and not preload:
             result["known"].append(f)
         else:
             result["diverge"].append((f, p, c))
+    if not preload and any(f.read_bytes()[:3] == b"\xff\xd8\xff" for f, _, _ in result["diverge"]):
+        again = compare([f for f, _, _ in result["diverge"]], driver, pillow_libjpeg())
+        gone = set(again["agree"]) | {f for f, _, _ in again["text"]}
+        result["libjpeg"] = [f for f, _, _ in result["diverge"] if f in gone]
+        result["diverge"] = [d for d in result["diverge"] if d[0] not in gone]
     return result
 
 
@@ -110,12 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("paths", nargs="+")
     ap.add_argument("--driver", type=Path, default=DRIVER)
     ap.add_argument("--save", type=Path, help="copy every diverging input here (named by its sha256)")
+    ap.add_argument("--pillow-libjpeg", action="store_true",
+                    help="run libqks on the libjpeg-turbo of Pillow's wheel: compares only qks's own code")
     args = ap.parse_args(argv)
     if not args.driver.is_file():
         print(f"differential: no {args.driver}: run cpp/scripts/fuzz.sh build", file=sys.stderr)
         return 2
     files = collect(args.paths)
-    r = compare(files, args.driver)
+    r = compare(files, args.driver, pillow_libjpeg() if args.pillow_libjpeg else None)
     for f, p, c in r["diverge"]:
         print(f"DIVERGE {f}: python {p.kind()} {p.error or p.tensor_sha} / c++ {c.kind()} {c.error or c.tensor_sha}")
         if args.save:
@@ -125,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"TEXT {f}: python {p.error!r} / c++ {c.error!r}")
     print(f"differential: {len(files)} files: {len(r['agree'])} agree, {len(r['diverge'])} diverge, "
           f"{len(r['text'])} errors with other texts, {len(r['known'])} known differences, "
+          f"{len(r['libjpeg'])} from the libjpeg-turbo version (agree on Pillow's), "
           f"{len(r['skipped'])} above the fuzz pixel cap, {len(r['other_format'])} in formats qks-tag names")
     return 1 if r["diverge"] else 0
 

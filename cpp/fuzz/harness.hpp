@@ -12,10 +12,10 @@
 
 namespace qks::fuzz {
 
-// Headers above this many pixels are not decoded while fuzzing: the allocation alone (up to
+// Headers above this many pixels (1M) are not decoded while fuzzing: the allocation alone (up to
 // Pillow's 89M-pixel limit, 268 MB of RGB) would only slow the fuzzer down and trip its memory
 // limit. The limit checks themselves still run first.
-constexpr std::uint64_t kMaxFuzzPixels = std::uint64_t(1) << 22;
+constexpr std::uint64_t kMaxFuzzPixels = std::uint64_t(1) << 20;
 
 // The preprocessing the image targets and the differential use (small, so a run is fast).
 detail::PreprocessConfig fuzz_config(bool squash);

@@ -113,6 +113,8 @@ void sof(Header& h, const std::string& s, std::vector<std::string>& icc) {
         byte_at(icc[0], 13);
         icc.clear();
     }
+    // the components, 3 bytes each: a last one cut short is an IndexError (t[1] or t[2])
+    if (s.size() > 6 && (s.size() - 6) % 3 != 0) throw Unidentified{};
 }
 
 void dqt(const std::string& seg) {

@@ -352,10 +352,20 @@ std::string call(State& s, const Chunk& c, bool& eof, bool& unknown) {
         if (c.length < 13) throw std::invalid_argument("Truncated IHDR chunk");
         s.width = be32(d, 0);
         s.height = be32(d, 4);
-        s.have_mode = png_mode(static_cast<unsigned char>(d[8]), static_cast<unsigned char>(d[9]), s.mode);
+        Mode m{"", "", 0};  // an unknown depth/colour keeps the mode of an earlier IHDR (KeyError: pass)
+        if (png_mode(static_cast<unsigned char>(d[8]), static_cast<unsigned char>(d[9]), m)) {
+            s.mode = m;
+            s.have_mode = true;
+        }
         if (d[12]) s.interlaced = true;
         if (d[11]) throw PySyntaxError{"unknown filter category"};
         return d;
+    }
+    // chunk_IDAT reads im_rawmode, which only a known IHDR mode sets: without one, the AttributeError
+    // makes Pillow skip the chunk as an unknown one (its data read, its CRC checked)
+    if (id == "IDAT" && !s.have_mode) {
+        unknown = true;
+        return st.safe_read(c.length);
     }
     if (id == "IDAT" || id == "IEND") {
         if (id == "IDAT" && !s.have_tile) {
@@ -370,6 +380,10 @@ std::string call(State& s, const Chunk& c, bool& eof, bool& unknown) {
         if (c.length < 4) throw std::invalid_argument("APNG contains truncated fDAT chunk");
         st.safe_read(4);
         if (!s.have_fctl) throw PySyntaxError{"APNG contains frame sequence errors"};
+        if (!s.have_mode) {  // chunk_IDAT's AttributeError, after the sequence number was read
+            unknown = true;
+            return st.safe_read(c.length);
+        }
         if (!s.have_tile) {
             s.have_tile = true;
             s.tile_pos = c.pos + 4;
@@ -545,6 +559,7 @@ PilImage open_and_load(const std::string& data, const SizeCheck& check) {
     std::uint64_t idat = s.first_idat;
     bool pushed = false;
     Chunk pushed_chunk;
+    std::string decoder_error;  // ImageFile.load raises it only after load_end
     try {
         ZipDecoder dec(im, s.mode, s.interlaced);
         for (;;) {
@@ -574,11 +589,11 @@ PilImage open_and_load(const std::string& data, const SizeCheck& check) {
             if (chunk_data.empty()) decode_error("image file is truncated (0 bytes not processed)");
             int err = 0;
             long used = dec.decode(chunk_data, err);
-            if (used < 0) {
-                if (err == -2) decode_error("broken data stream when reading image file");
-                if (err == -3) decode_error("unrecognized data stream contents when reading image file");
-                if (err == -9) decode_error("out of memory when reading image file");
-                if (err < 0) decode_error("codec configuration error when reading image file");
+            if (used < 0) {  // a decoder error is raised after load_end, which may raise its own first
+                if (err == -2) decoder_error = "broken data stream when reading image file";
+                else if (err == -3) decoder_error = "unrecognized data stream contents when reading image file";
+                else if (err == -9) decoder_error = "out of memory when reading image file";
+                else if (err < 0) decoder_error = "codec configuration error when reading image file";
                 break;
             }
         }
@@ -620,6 +635,7 @@ PilImage open_and_load(const std::string& data, const SizeCheck& check) {
     } catch (const Unidentified&) {  // an IndexError, reported by decode_image's catch-all
         decode_error("IndexError: index out of range");
     }
+    if (!decoder_error.empty()) decode_error(decoder_error);
     // ImageOps.exif_transpose -> PngImageFile.getexif
     std::string exif;
     bool has = false;
