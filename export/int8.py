@@ -347,16 +347,21 @@ def make_int8_graph(bundle_dir: str | Path, images: dict[str, np.ndarray], refer
     d = Path(bundle_dir)
     options = {"method": "dynamic", "per_channel": True, "weight_type": "qint8", "quantize_attention": False,
                "scope": "tokens", "fuse_gelu": True, "fuse": True, **quantize_options}
+    # Fusion only makes the graph faster; ONNX Runtime's ViT fusion patterns can also break a graph they
+    # were not written for (a FastViT's "SkipLayerNorm" made a cycle), so each step back fuses less.
+    attempts = [options]
+    for fewer in ({"fuse": False}, {"fuse": False, "fuse_gelu": False}):
+        if {**attempts[-1], **fewer} != attempts[-1]:
+            attempts.append({**attempts[-1], **fewer})
     fallback = None
-    try:
-        ver = _quantize_and_verify(d, source_file, images, reference, bank, bank_name, calibration, options)
-    except ExportError as e:
-        if not options["fuse"]:
-            raise
-        # the fused graph is only faster; the unfused one is what qks shipped before it
-        fallback = f"fused graph not used: {e}"
-        options["fuse"] = False
-        ver = _quantize_and_verify(d, source_file, images, reference, bank, bank_name, calibration, options)
+    for i, options in enumerate(attempts):
+        try:
+            ver = _quantize_and_verify(d, source_file, images, reference, bank, bank_name, calibration, options)
+            break
+        except ExportError as e:
+            if i == len(attempts) - 1:
+                raise
+            fallback = f"fused graph not used: {e}"
     summary = dict(options)
     if options["method"] == "static":
         summary["calibration_images"] = len(calibration)
