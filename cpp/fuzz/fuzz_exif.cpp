@@ -12,7 +12,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* bytes, std::size_t siz
         const qks::detail::Orientation o = qks::detail::exif_orientation(data);
         qks::fuzz::require(o.present || o.value == 0, "an orientation value without the tag");
     } catch (const qks::detail::ExifSyntaxError& e) {
-        qks::fuzz::require(std::string(e.what()).rfind("not a TIFF file", 0) == 0, "another EXIF error than Pillow's");
+        const std::string what = e.what();
+        qks::fuzz::require(what.rfind("not a TIFF file", 0) == 0 || what.rfind("error: unpack requires", 0) == 0,
+                           "another EXIF error than Pillow's");
     }
     const int x = qks::detail::xmp_orientation(data);
     qks::fuzz::require(x >= -1 && x <= 9, "an XMP orientation that is not one digit");

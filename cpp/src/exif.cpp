@@ -20,7 +20,6 @@ Orientation exif_orientation(const std::string& exif) {
         if (head.size() >= 4 && head.compare(0, 4, std::string(p, 4)) == 0) ok = true;
     if (!ok) throw ExifSyntaxError("not a TIFF file (header " + py_bytes_repr(head) + " not valid)");
     const bool big = head[0] == 'M';
-    const bool bigtiff = static_cast<unsigned char>(head[2]) == 43 || static_cast<unsigned char>(head[3]) == 43;
     auto u = [&](std::size_t off, int n) -> std::uint64_t {
         std::uint64_t v = 0;
         for (int i = 0; i < n; ++i) {
@@ -29,15 +28,13 @@ Orientation exif_orientation(const std::string& exif) {
         }
         return v;
     };
-    if (bigtiff) {
-        if (head.size() < 16 && d.size() < 16) return o;  // Pillow would fail to unpack: no tags
-        // BigTIFF EXIF does not occur in practice; read it the same way, 8-byte offsets
-    } else if (head.size() < 8) {
-        // struct.error in Pillow: _read_dpi_from_exif and exif_transpose see no orientation
-        return o;
-    }
-    std::uint64_t pos = bigtiff ? u(8, 8) : u(4, 4);
-    const std::size_t cnt_size = bigtiff ? 8 : 2, entry = bigtiff ? 20 : 12, inline_max = bigtiff ? 8 : 4;
+    // ImageFileDirectory_v2(head) unpacks the first IFD's offset from the 8-byte head alone: at
+    // ifh[8:] for BigTIFF (ifh[2] == 43: "II+\0"; "MM\0+" is read as classic TIFF), which is
+    // always empty, and at ifh[4:] otherwise, short when the block is
+    if (static_cast<unsigned char>(head[2]) == 43) throw ExifStructError("error: unpack requires a buffer of 8 bytes");
+    if (head.size() < 8) throw ExifStructError("error: unpack requires a buffer of 4 bytes");
+    std::uint64_t pos = u(4, 4);
+    const std::size_t cnt_size = 2, entry = 12, inline_max = 4;
     if (pos > d.size() || d.size() - pos < cnt_size) return o;  // short read: Pillow warns, no tags (no overflow)
     std::uint64_t count = u(static_cast<std::size_t>(pos), static_cast<int>(cnt_size));
     pos += cnt_size;
@@ -51,14 +48,14 @@ Orientation exif_orientation(const std::string& exif) {
         if (d.size() - pos < entry) break;  // Pillow stops at a short read, keeping earlier tags
         const std::size_t p = static_cast<std::size_t>(pos);
         const unsigned tag = static_cast<unsigned>(u(p, 2)), typ = static_cast<unsigned>(u(p + 2, 2));
-        const std::uint64_t n = bigtiff ? u(p + 4, 8) : u(p + 4, 4);
+        const std::uint64_t n = u(p + 4, 4);
         if (loaded.count(tag)) continue;
         if (typ >= sizeof unit / sizeof unit[0] || unit[typ] == 0) continue;  // unsupported type: skipped
         const std::uint64_t k = static_cast<std::uint64_t>(unit[typ]);
         const std::uint64_t size = n > UINT64_MAX / k ? UINT64_MAX : n * k;
-        std::size_t at = p + (bigtiff ? 12 : 8);
+        std::size_t at = p + 8;
         if (size > inline_max) {
-            const std::uint64_t off = bigtiff ? u(at, 8) : u(at, 4);
+            const std::uint64_t off = u(at, 4);
             if (off >= (std::uint64_t(1) << 63)) continue;  // "Tag offset too large"
             total = size > UINT64_MAX - total ? UINT64_MAX : total + size;
             if (total > d.size()) continue;                 // "Tag data larger than file"
@@ -70,7 +67,7 @@ Orientation exif_orientation(const std::string& exif) {
         if (tag != 0x0112) continue;
         o.present = true;
         switch (typ) {
-            case 1: case 7: o.value = static_cast<unsigned char>(d[at]); break;   // BYTE, UNDEFINED
+            case 1: case 7: o.value = 0; break;  // BYTE, UNDEFINED: Pillow gives bytes, never equal to 2..8
             case 6: o.value = static_cast<signed char>(d[at]); break;             // SBYTE
             case 3: o.value = static_cast<long>(u(at, 2)); break;                 // SHORT
             case 8: o.value = static_cast<std::int16_t>(u(at, 2)); break;         // SSHORT
