@@ -106,8 +106,8 @@ def _cli(bundle_dir, bank, host, port, backend, precision, threads, max_batch, m
     if not _loopback(host) and not keys.enabled:
         click.echo(f"{PROG}: warning: binding {host} without API keys: anyone who can reach it can use it "
                    "(--api-keys-file)", err=True)
-    click.echo(f"{PROG}: bundle {service.bundle.root}, backend {service.backend_reason}; banks "
-               f"{', '.join(sorted(service.banks))} (default {service.default_bank}); max batch {max_batch}, "
+    click.echo(f"{PROG}: bundle {service.bundle.root}, backend {service.backend_reason}; label banks: "
+               f"{', '.join(sorted(service.banks))} (default: {service.default_bank}); max batch {max_batch}, "
                f"max wait {max_wait_ms:g} ms; API keys {'on' if keys.enabled else 'off'}", err=True)
     app = create_app(service, keys)
     server = _server(uvicorn.Config(app, host=host, port=port, access_log=False, log_config=None,
