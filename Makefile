@@ -72,16 +72,19 @@ cpp:
 # Fuzzing (FUZZING.md): cpp/scripts/fuzz.sh installs clang-16 + libfuzzer-16-dev (Debian, root) and builds
 # the libFuzzer targets with ASan + UBSan in cpp/build-fuzz; without root or apt it prints why and the fuzz
 # tests skip with that reason. `make fuzz` runs every target FUZZ_SECONDS (corpora grow under .cache/fuzz/,
-# not in git), then replays the image corpora through the C++ and Python pipelines (the differential check).
+# not in git), then replays the image corpora and FUZZ_MUTANTS random mutants of them through the C++ and
+# the Python pipelines (the differential check).
 FUZZ_SECONDS ?= 180
+FUZZ_MUTANTS ?= 20000
 
 fuzz-build: cpp
 	@sh cpp/scripts/fuzz.sh build; rc=$$?; if [ $$rc -ne 0 ] && [ $$rc -ne 3 ]; then exit $$rc; fi
 
 fuzz: venv fuzz-build
 	sh cpp/scripts/fuzz.sh run $(FUZZ_SECONDS); rc=$$?; \
-	$(PY) cpp/fuzz/differential.py --save .cache/fuzz/diverge .cache/fuzz/corpus/fuzz_jpeg .cache/fuzz/corpus/fuzz_png \
-	  .cache/fuzz/corpus/fuzz_gif .cache/fuzz/corpus/fuzz_image_any; d=$$?; exit $$((rc | d))
+	$(PY) cpp/fuzz/differential.py --save .cache/fuzz/diverge --mutants $(FUZZ_MUTANTS) .cache/fuzz/seeds/fuzz_image_any \
+	  .cache/fuzz/corpus/fuzz_jpeg .cache/fuzz/corpus/fuzz_png .cache/fuzz/corpus/fuzz_gif .cache/fuzz/corpus/fuzz_image_any; \
+	  d=$$?; exit $$((rc | d))
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -4,6 +4,7 @@ must agree: the same float32 tensor bit for bit, or an error on both sides (with
 reported separately).
 
     python cpp/fuzz/differential.py [--save DIR] [--driver BIN] PATH...   # files or folders
+    python cpp/fuzz/differential.py --mutants 20000 --seed 1 PATH...      # plus random mutants of them
 
 Why a batch driver and not the Python side inside the fuzzer: an embedded interpreter would run
 Pillow's C code in the fuzz process, where ASan, libFuzzer's leak and memory checks and its coverage
@@ -19,9 +20,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import random
 import shutil
 import subprocess
 import sys
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +101,32 @@ def collect(paths: list[str]) -> list[Path]:
     return files
 
 
+def write_mutants(files: list[Path], n: int, seed: int, out: Path) -> list[Path]:
+    """n copies of randomly picked files (under 60 KB), each with 1-4 byte edits: set, insert, delete
+    or flip. Blind, unlike the coverage-guided targets, but it reaches what changes pixels without
+    breaking a checksum (quantisation tables, EXIF fields, palettes, filter bytes)."""
+    rng = random.Random(seed)
+    pool = [f for f in files if f.stat().st_size < 60_000] or files
+    out.mkdir(parents=True, exist_ok=True)
+    made = []
+    for i in range(n):
+        f = rng.choice(pool)
+        d = bytearray(f.read_bytes())
+        for _ in range(rng.randint(1, 4)):
+            k, op = (rng.randrange(len(d)) if d else 0), rng.random()
+            if op < 0.6 and d:
+                d[k] = rng.randrange(256)
+            elif op < 0.75:
+                d[k:k] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
+            elif op < 0.9 and d:
+                del d[k:k + rng.randint(1, 16)]
+            elif d:
+                d[k] ^= 1 << rng.randrange(8)
+        made.append(out / f"{f.stem}-{seed}-{i}{f.suffix}")
+        made[-1].write_bytes(bytes(d))
+    return made
+
+
 def compare(files: list[Path], driver: Path, preload: str | None = None) -> dict[str, list]:
     """{"agree", "known", "libjpeg", "skipped", "other_format": [file], "text", "diverge": [(file, python, c++)]}"""
     result = {k: [] for k in ("agree", "text", "diverge", "skipped", "known", "other_format", "libjpeg")}
@@ -126,11 +155,28 @@ def compare(files: list[Path], driver: Path, preload: str | None = None) -> dict
     return result
 
 
+def report(r: dict, save: Path | None) -> None:
+    for f, p, c in r["diverge"]:
+        print(f"DIVERGE {f}: python {p.kind()} {p.error or p.tensor_sha} / c++ {c.kind()} {c.error or c.tensor_sha}")
+        if save:
+            save.mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, save / (hashlib.sha256(f.read_bytes()).hexdigest()[:16] + f.suffix))
+    for f, p, c in r["text"]:
+        print(f"TEXT {f}: python {p.error!r} / c++ {c.error!r}")
+    n = sum(len(v) for v in r.values())
+    print(f"differential: {n} files: {len(r['agree'])} agree, {len(r['diverge'])} diverge, "
+          f"{len(r['text'])} errors with other texts, {len(r['known'])} known differences, "
+          f"{len(r['libjpeg'])} from the libjpeg-turbo version (agree on Pillow's), "
+          f"{len(r['skipped'])} above the fuzz pixel cap, {len(r['other_format'])} in formats qks-tag names")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("paths", nargs="+")
     ap.add_argument("--driver", type=Path, default=DRIVER)
     ap.add_argument("--save", type=Path, help="copy every diverging input here (named by its sha256)")
+    ap.add_argument("--mutants", type=int, default=0, help="also compare this many random mutants of the files")
+    ap.add_argument("--seed", type=int, default=1, help="the mutants' random seed")
     ap.add_argument("--pillow-libjpeg", action="store_true",
                     help="run libqks on the libjpeg-turbo of Pillow's wheel: compares only qks's own code")
     args = ap.parse_args(argv)
@@ -138,18 +184,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"differential: no {args.driver}: run cpp/scripts/fuzz.sh build", file=sys.stderr)
         return 2
     files = collect(args.paths)
-    r = compare(files, args.driver, pillow_libjpeg() if args.pillow_libjpeg else None)
-    for f, p, c in r["diverge"]:
-        print(f"DIVERGE {f}: python {p.kind()} {p.error or p.tensor_sha} / c++ {c.kind()} {c.error or c.tensor_sha}")
-        if args.save:
-            args.save.mkdir(parents=True, exist_ok=True)
-            shutil.copy(f, args.save / hashlib.sha256(f.read_bytes()).hexdigest()[:16])
-    for f, p, c in r["text"]:
-        print(f"TEXT {f}: python {p.error!r} / c++ {c.error!r}")
-    print(f"differential: {len(files)} files: {len(r['agree'])} agree, {len(r['diverge'])} diverge, "
-          f"{len(r['text'])} errors with other texts, {len(r['known'])} known differences, "
-          f"{len(r['libjpeg'])} from the libjpeg-turbo version (agree on Pillow's), "
-          f"{len(r['skipped'])} above the fuzz pixel cap, {len(r['other_format'])} in formats qks-tag names")
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.mutants:
+            files += write_mutants(files, args.mutants, args.seed, Path(tmp))
+        r = compare(files, args.driver, pillow_libjpeg() if args.pillow_libjpeg else None)
+        report(r, args.save)
     return 1 if r["diverge"] else 0
 
 
