@@ -215,3 +215,15 @@ def test_unsupported_tower_is_one_line():
 
     with pytest.raises(ValueError, match=r"^some-arch: image tower Sequential is not supported \(supported families"):
         tower_for(nn.Sequential(), "some-arch")
+
+
+def test_vit_tokens_unchanged_for_existing_checkpoints(tiny_backbone):
+    """Heads trained before the adapters read open_clip ViT tokens computed as `ln_post(transformer(
+    _embeds(x)))`; the adapter (public `forward_intermediates`) must give them exactly."""
+    visual = tiny_backbone.model.visual
+    x = torch.randn(3, 3, tiny_backbone.preprocess.size, tiny_backbone.preprocess.size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        old = visual.ln_post(visual.transformer(visual._embeds(x)))
+        assert torch.equal(tiny_backbone.image_tokens(x), old)
+        old_pooled = old[:, 0] @ visual.proj
+        assert torch.allclose(tiny_backbone.zero_shot_features(old)[:, 0], torch.nn.functional.normalize(old_pooled, dim=-1))
