@@ -9,19 +9,22 @@
 #
 # Exit status: 0 ready; 3 the dependencies cannot be installed here (not root, no apt-get, no
 # mirror): the reason is printed and written to cpp/.deps/UNAVAILABLE, and the C++ tests skip with it.
+# QKS_EXTRA_PKGS adds Debian packages (cpp/scripts/fuzz.sh: clang-16 libfuzzer-16-dev) and
+# QKS_UNAVAILABLE_NOTE names another file for the reason (FUZZ_UNAVAILABLE).
 set -u
 here=$(cd "$(dirname "$0")/.." && pwd)
 deps="$here/.deps"
 mkdir -p "$deps"
-rm -f "$deps/UNAVAILABLE"
+note="$deps/${QKS_UNAVAILABLE_NOTE:-UNAVAILABLE}"
+rm -f "$note"
 
 unavailable() {
     echo "note: cpp/ not built: $1" >&2
-    echo "$1" > "$deps/UNAVAILABLE"
+    echo "$1" > "$note"
     exit 3
 }
 
-PKGS="cmake g++ make libjpeg62-turbo-dev zlib1g-dev nlohmann-json3-dev libssl-dev"
+PKGS="cmake g++ make libjpeg62-turbo-dev zlib1g-dev nlohmann-json3-dev libssl-dev ${QKS_EXTRA_PKGS:-}"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

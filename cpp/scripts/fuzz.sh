@@ -18,29 +18,11 @@ cache="$here/.cache/fuzz"
 export UBSAN_OPTIONS="${UBSAN_OPTIONS:-print_stacktrace=1}"
 TARGETS="fuzz_jpeg fuzz_png fuzz_gif fuzz_image_any fuzz_exif fuzz_npy fuzz_bundle fuzz_labels fuzz_records"
 
-unavailable() {
-    mkdir -p "$here/cpp/.deps"
-    echo "note: fuzz targets not built: $1" >&2
-    echo "$1" > "$here/cpp/.deps/FUZZ_UNAVAILABLE"
-    exit 3
-}
-
+# the C++ build dependencies plus clang and libFuzzer; the reason goes to cpp/.deps/FUZZ_UNAVAILABLE
 deps() {
-    rm -f "$here/cpp/.deps/FUZZ_UNAVAILABLE"
-    sh "$here/cpp/scripts/deps.sh" || unavailable "the C++ build dependencies are missing (cpp/scripts/deps.sh)"
-    missing=""
-    for p in clang-16 libfuzzer-16-dev; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
-    done
-    [ -z "$missing" ] && return 0
-    command -v apt-get >/dev/null 2>&1 || unavailable "no apt-get to install$missing"
-    [ "$(id -u)" = 0 ] || unavailable "installing$missing needs root (apt-get)"
-    echo "fuzz: apt-get install$missing" >&2
-    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null 2>&1; then
-        apt-get update -qq >/dev/null 2>&1
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null 2>&1 ||
-            unavailable "apt-get could not install:$missing"
-    fi
+    QKS_EXTRA_PKGS="clang-16 libfuzzer-16-dev" QKS_UNAVAILABLE_NOTE=FUZZ_UNAVAILABLE sh "$here/cpp/scripts/deps.sh"
+    rc=$?
+    [ $rc -eq 0 ] || exit $rc
 }
 
 do_build() {
