@@ -88,7 +88,7 @@ class OpenClipBackbone(nn.Module):
         self.prefix_tokens = self.tower.prefix_tokens
         self._tokenizer = _tokenizer(open_clip, name, arch)
         self.context_length = int(self._tokenizer.context_length)
-        self.preprocess = _preprocess(open_clip, model, arch)
+        self.preprocess = _preprocess(open_clip, model, arch, name, pretrained)
         with torch.no_grad():  # the tower's shapes, from one image (this also tells a conv tower its grid)
             probe = self.tower.tokens(torch.zeros(1, 3, self.preprocess.size, self.preprocess.size))
             self.token_dim = int(probe.shape[-1])
@@ -171,8 +171,14 @@ def _tokenizer(open_clip, name: str, arch: str):
                          "Hugging Face tokenizers are downloaded once from the hub") from None
 
 
-def _preprocess(open_clip, model, arch: str) -> Preprocess:
-    cfg = open_clip.get_model_preprocess_cfg(model)
+def _preprocess(open_clip, model, arch: str, name: str, pretrained: str | None) -> Preprocess:
+    """The model's preprocessing as open_clip sets it. A local checkpoint file carries none, and open_clip
+    then falls back to CLIP's mean/std: take the arch's published one instead (SigLIP: mean 0.5, squash)."""
+    cfg = dict(open_clip.get_model_preprocess_cfg(model))
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if pretrained is not None and Path(pretrained).is_file() and tags:
+        published = open_clip.get_pretrained_cfg(name, tags[0])
+        cfg.update({k: published[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in published})
     size = cfg["size"]
     if isinstance(size, (tuple, list)):
         if size[0] != size[1]:
