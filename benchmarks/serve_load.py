@@ -20,7 +20,6 @@ Prints a Markdown table and the machine; `--out FILE` writes the JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -35,6 +34,7 @@ from benchmarks.triton_load import (
     ROOT,
     common_args,
     drive,
+    finish,
     load_level,
     machine,
     make_images,
@@ -139,11 +139,7 @@ def main() -> None:
                     print(f"== Triton python backend, {n} clients", flush=True)
                     level = load_level(http, triton.url, triton.url, blobs, n, args.requests, args.level_timeout)
                     result["levels"].append({"server": "Triton python backend (HTTP)", **level})
-        result["machine"]["load_average_after"] = os.getloadavg()
-        print(table(result, ("server",), lambda lv: [lv["server"]]))
-        print(f"\n{result['machine']}")
-        if args.out:
-            args.out.write_text(json.dumps(result, indent=2) + "\n")
+        finish(result, table(result, ("server",), lambda lv: [lv["server"]]), args.out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -187,6 +187,15 @@ def table(result: dict, columns: tuple[str, ...] = ("server", "protocol"),
     return "\n".join(rows)
 
 
+def finish(result: dict, text: str, out: Path | None) -> None:
+    """The load after the run, the table and the machine on stdout, the JSON to `out`."""
+    result["machine"]["load_average_after"] = os.getloadavg()
+    print(text)
+    print(f"\n{result['machine']}\n{result.get('serve_versions', '')}")
+    if out:
+        out.write_text(json.dumps(result, indent=2) + "\n")
+
+
 def common_args(ap: argparse.ArgumentParser) -> None:
     """The options both load benchmarks take (this one and serve_load.py)."""
     src = ap.add_mutually_exclusive_group(required=True)
@@ -238,11 +247,7 @@ def main() -> None:
                     print(f"== Triton, {protocol}, {clients} clients", flush=True)
                     level = load_level(mod, url, server.url, blobs, clients, args.requests, args.level_timeout)
                     result["levels"].append({"protocol": protocol, **level})
-        result["machine"]["load_average_after"] = os.getloadavg()
-        print(table(result))
-        print(f"\n{result['machine']}\n{result['serve_versions']}")
-        if args.out:
-            args.out.write_text(json.dumps(result, indent=2) + "\n")
+        finish(result, table(result), args.out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -131,7 +131,7 @@ def create_app(service: Service, keys: Keys | None = None) -> FastAPI:
     keys = keys or Keys()
     metrics = Metrics()
     service.on_batch = metrics.on_batch
-    state = {"draining": False}
+    state = {"draining": False, "tagging": 0}
 
     async def lifespan(app):
         yield
@@ -167,13 +167,21 @@ def create_app(service: Service, keys: Keys | None = None) -> FastAPI:
         guard(request)
         if state["draining"]:
             raise ServeError(503, "the server is shutting down", {"Retry-After": "1"})
+        if state["tagging"] >= service.limits.max_in_flight:  # refused before its body is read
+            metrics.rejected.labels("in_flight").inc()
+            raise ServeError(503, f"server busy: {state['tagging']} requests in flight (limit "
+                                  f"{service.limits.max_in_flight}); retry later", {"Retry-After": "1"})
 
         async def work():
             images, options = await tag_request(request, service.limits)
             request.state.images = len(images)
             return await service.tag(images, options)
 
-        result = await timed(work())
+        state["tagging"] += 1
+        try:
+            result = await timed(work())
+        finally:
+            state["tagging"] -= 1
         metrics.images.inc(len(result["results"]))
         return JSONResponse(result)
 

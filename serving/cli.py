@@ -69,6 +69,8 @@ def _loopback(host: str) -> bool:
 @click.option("--max-banks", type=click.IntRange(1), default=64, show_default=True, help="Label banks held.")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(0.1), default=30.0, show_default=True,
               help="Seconds per request (decoding, label encoding, queue, engine); 503 beyond.")
+@click.option("--max-in-flight", type=click.IntRange(1), default=64, show_default=True,
+              help="Tag requests handled at once (their bodies are held in memory); beyond: 503 + Retry-After.")
 @click.option("--workers", type=click.IntRange(1), help="Decode threads (default: min(4, CPUs)).")
 @click.option("--api-keys-file", type=click.Path(dir_okay=False, path_type=Path),
               help="API keys, one a line (also $QKS_SERVE_API_KEYS, comma-separated): /v1/ routes need one.")
@@ -78,7 +80,7 @@ def _loopback(host: str) -> bool:
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 def _cli(bundle_dir, bank, host, port, backend, precision, threads, max_batch, max_wait_ms, max_queue, max_images,
-         max_upload_mb, max_pixels, max_labels, max_banks, timeout_s, workers, api_keys_file, admin_keys_file,
+         max_upload_mb, max_pixels, max_labels, max_banks, timeout_s, max_in_flight, workers, api_keys_file, admin_keys_file,
          no_verify, log_level):
     """Serve a qks bundle over HTTP: POST /v1/tag with image files, get qks-infer's records back."""
     import uvicorn
@@ -94,7 +96,7 @@ def _cli(bundle_dir, bank, host, port, backend, precision, threads, max_batch, m
     try:
         keys = Keys(read_keys(api_keys_file, ENV_KEYS), read_keys(admin_keys_file, ENV_ADMIN_KEYS))
         limits = Limits(max_images=max_images, max_upload_bytes=int(max_upload_mb * (1 << 20)), max_pixels=max_pixels,
-                        max_labels=max_labels, max_banks=max_banks, timeout_s=timeout_s)
+                        max_labels=max_labels, max_banks=max_banks, timeout_s=timeout_s, max_in_flight=max_in_flight)
         config = ServeConfig(bundle_dir, bank=bank, backend=backend, precision=precision, threads=threads,
                              verify=not no_verify, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                              limits=limits, **({"decode_workers": workers} if workers else {}))

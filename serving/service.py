@@ -43,7 +43,8 @@ class Limits:
     max_labels: int = 1000  # labels in a request's `labels` or a PUT bank
     max_label_chars: int = 200
     max_banks: int = 64  # banks held at once (the bundle's and those PUT)
-    timeout_s: float = 30.0  # per request: decoding, label encoding, queue and engine
+    timeout_s: float = 30.0  # per request: reading, decoding, label encoding, queue and engine
+    max_in_flight: int = 64  # tag requests handled at once (bodies held in memory); beyond: 503
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -369,25 +370,42 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(server, tmp_
 @pytest.fixture
 def slow_server(runtime_bundle, tmp_path):
     s = Served(runtime_bundle, tmp_path, "--max-wait-ms", "8000", "--max-batch", "8", "--max-queue", "2",
-               "--timeout", "4", "--threads", "1")
+               "--max-in-flight", "3", "--timeout", "4", "--threads", "1")
     yield s
     s.stop()
 
 
-def _wait_for_queue(server, images: int) -> None:
+def _wait_for(server, metric: str, value: int) -> None:
     deadline = time.monotonic() + 30
-    while server.metric("qks_queue_images") < images:
-        assert time.monotonic() < deadline, "the request never reached the queue"
+    while server.metric(metric) < value:
+        assert time.monotonic() < deadline, f"{metric} never reached {value}"
         time.sleep(0.02)
 
 
-def test_full_queue_answers_503_and_a_request_past_its_timeout_too(slow_server):
+def _wait_for_queue(server, images: int) -> None:
+    _wait_for(server, "qks_queue_images", images)
+
+
+def test_full_queue_in_flight_limit_and_timeout_answer_503(slow_server):
     blob, first = jpeg(), {}
     t = threading.Thread(target=lambda: first.update(r=tag(slow_server, files=[("images", ("a.jpg", blob))] * 2)))
     t.start()
     _wait_for_queue(slow_server, 2)
     r = tag(slow_server, files=[("images", ("b.jpg", blob))])
     assert r.status_code == 503 and "queue is full" in r.json()["error"] and r.headers["Retry-After"] == "1"
+    # two clients that send their headers but not their bodies: with the first request, 3 in flight
+    head = (b"POST /v1/tag HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n{")
+    slow = [socket.create_connection(("127.0.0.1", slow_server.port)) for _ in range(2)]
+    try:
+        for sock in slow:
+            sock.sendall(head)
+        _wait_for(slow_server, "qks_in_flight_requests", 4)  # 3 tag requests + this /metrics request
+        r = tag(slow_server, files=[("images", ("c.jpg", blob))])
+        assert r.status_code == 503 and "requests in flight" in r.json()["error"] and r.headers["Retry-After"] == "1"
+    finally:
+        for sock in slow:
+            sock.close()
     t.join(60)
     # nothing else came to fill the batch: the first request waited past its 4 s timeout
     assert first["r"].status_code == 503 and "timed out" in first["r"].json()["error"]
@@ -405,3 +423,18 @@ def test_sigterm_drains_requests_in_flight_then_exits(slow_server):
     assert result["r"].status_code == 200 and "labels" in result["r"].json()["results"][0]
     assert slow_server.proc.wait(60) == 0, slow_server.log()[-2000:]
     assert "stopped" in slow_server.log()
+
+
+@pytest.mark.parametrize("args, reason", [
+    (["--bundle", "/nonexistent/bundle"], "bundle folder not found"),
+    (["--api-keys-file", "/nonexistent/keys.txt"], "cannot read the key file"),
+    (["--bank", "nope"], "no label bank 'nope'"),
+    (["--max-batch", "0"], "--max-batch"),
+])
+def test_cli_refusals_are_one_line(runtime_bundle, args, reason):
+    """A server that cannot start says why in one line, exit 2, before binding a port."""
+    exe = Path(sys.executable).with_name("qks-serve")
+    r = subprocess.run([str(exe), "--bundle", str(runtime_bundle), "--port", "1", *args], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("qks-serve: error: "), r.stderr
+    assert reason in r.stderr
