@@ -184,6 +184,13 @@ def test_sixteen_concurrent_clients_are_micro_batched(server):
     assert server.metric("qks_images_total") >= 96
 
 
+def _until(done, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not done():
+        assert time.monotonic() < deadline, "the clients stopped getting answers"
+        time.sleep(0.02)
+
+
 def test_label_swap_under_load(server):
     old, new = ["cat", "dog", "car"], ["zebra", "boat", "tree", "lamp"]
     r = httpx.put(server.url + "/v1/labels/swap", json={"labels": old}, headers=ADMIN, timeout=60)
@@ -204,14 +211,12 @@ def test_label_swap_under_load(server):
     threads = [threading.Thread(target=client) for _ in range(8)]
     for t in threads:
         t.start()
-    while len(seen) < 24:
-        time.sleep(0.02)
+    _until(lambda: len(seen) >= 24)
     r = httpx.put(server.url + "/v1/labels/swap", json={"labels": new}, headers=ADMIN, timeout=60)
     swapped_at["t"] = time.monotonic()
     assert r.status_code == 200 and r.json()["replaced"] is True
     n = len(seen)
-    while len(seen) < n + 24:
-        time.sleep(0.02)
+    _until(lambda: len(seen) >= n + 24)
     stop.set()
     for t in threads:
         t.join(60)
@@ -376,10 +381,7 @@ def slow_server(runtime_bundle, tmp_path):
 
 
 def _wait_for(server, metric: str, value: int) -> None:
-    deadline = time.monotonic() + 30
-    while server.metric(metric) < value:
-        assert time.monotonic() < deadline, f"{metric} never reached {value}"
-        time.sleep(0.02)
+    _until(lambda: server.metric(metric) >= value, 30)
 
 
 def _wait_for_queue(server, images: int) -> None:
