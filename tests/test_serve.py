@@ -440,3 +440,15 @@ def test_cli_refusals_are_one_line(runtime_bundle, args, reason):
                        text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("qks-serve: error: "), r.stderr
     assert reason in r.stderr
+
+
+def test_without_the_serve_extra_it_says_what_to_install(runtime_bundle):
+    block = ("import sys\n"
+             "class _Block:\n"
+             "    def find_spec(self, name, path=None, target=None):\n"
+             "        if name.split('.')[0] in ('fastapi', 'uvicorn'):\n"
+             "            raise ImportError('blocked', name=name.split('.')[0])\n"
+             "sys.meta_path.insert(0, _Block())\n"
+             f"from qks.serving.cli import main\nmain(['--bundle', {str(runtime_bundle)!r}])\n")
+    r = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "pip install 'qks[serve]'" in r.stderr, r.stderr

@@ -109,7 +109,7 @@ def ensemble_config(name: str, image_name: str, scoring_name: str, image: ImageM
 
 
 def python_config(name: str, pixels: dict, n_labels: int, max_batch: int) -> dict:
-    """The Python-backend model (`qks.runtime.triton_model`): pixels or encoded images in, one of the
+    """The Python-backend model (`qks.serving.triton_model`): pixels or encoded images in, one of the
     two per request; probabilities (with the label file) and logits out; dynamic batching on the CPU."""
     from ...serving import triton_model as tm
 
