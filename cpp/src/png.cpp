@@ -310,6 +310,9 @@ struct State {
     Info info;
     Mode mode{"", "", 0};
     bool have_mode = false, interlaced = false, have_tile = false, have_fctl = false;
+    std::int64_t n_frames = -1;  // acTL's frame count (im_n_frames), -1 for None
+    bool default_image = false;  // an IDAT before any fcTL of an APNG: one more frame
+    std::int64_t seq_num = -1;   // PngStream._seq_num: the last APNG sequence number, -1 for None
     std::uint64_t width = 0, height = 0;
     std::string palette;
     std::size_t tile_pos = 0;
@@ -368,6 +371,7 @@ std::string call(State& s, const Chunk& c, bool& eof, bool& unknown) {
         return st.safe_read(c.length);
     }
     if (id == "IDAT" || id == "IEND") {
+        if (id == "IDAT" && s.n_frames >= 0 && !s.have_fctl) s.default_image = true;
         if (id == "IDAT" && !s.have_tile) {
             s.have_tile = true;
             s.tile_pos = c.pos;
@@ -378,8 +382,9 @@ std::string call(State& s, const Chunk& c, bool& eof, bool& unknown) {
     }
     if (id == "fdAT") {
         if (c.length < 4) throw std::invalid_argument("APNG contains truncated fDAT chunk");
-        st.safe_read(4);
-        if (!s.have_fctl) throw PySyntaxError{"APNG contains frame sequence errors"};
+        const std::int64_t seq = be32(st.safe_read(4));
+        if (s.seq_num < 0 || s.seq_num != seq - 1) throw PySyntaxError{"APNG contains frame sequence errors"};
+        s.seq_num = seq;
         if (!s.have_mode) {  // chunk_IDAT's AttributeError, after the sequence number was read
             unknown = true;
             return st.safe_read(c.length);
@@ -413,9 +418,19 @@ std::string call(State& s, const Chunk& c, bool& eof, bool& unknown) {
     if (id == "cHRM") return need(32, "Truncated cHRM chunk");
     if (id == "sRGB") return need(1, "Truncated sRGB chunk");
     if (id == "pHYs") return need(9, "Truncated pHYs chunk");
-    if (id == "acTL") return need(8, "APNG contains truncated acTL chunk");
+    if (id == "acTL") {
+        std::string d = need(8, "APNG contains truncated acTL chunk");
+        const std::uint32_t n = be32(d, 0);
+        if (s.n_frames >= 0) s.n_frames = -1;                      // a second acTL: not an APNG after all
+        else if (n != 0 && n <= 0x80000000u) s.n_frames = n;
+        return d;
+    }
     if (id == "fcTL") {
         std::string d = need(26, "APNG contains truncated fcTL chunk");
+        const std::int64_t seq = be32(d, 0);
+        if ((s.seq_num < 0 && seq != 0) || (s.seq_num >= 0 && s.seq_num != seq - 1))
+            throw PySyntaxError{"APNG contains frame sequence errors"};
+        s.seq_num = seq;
         s.have_fctl = true;
         return d;
     }
@@ -541,6 +556,8 @@ PilImage open_and_load(const std::string& data, const SizeCheck& check) {
         decode_error(e.what());
     }
     if (!s.have_mode || s.width == 0 || s.height == 0) throw Unidentified{};
+    // PngImageFile.is_animated, fixed at the end of _open: load_end stops at the next frame's fcTL
+    const bool animated = (s.n_frames >= 0 ? s.n_frames : 1) + (s.default_image ? 1 : 0) > 1;
     check(s.width, s.height);
     PilImage im;
     im.mode = s.mode.mode;
@@ -574,9 +591,10 @@ PilImage open_and_load(const std::string& data, const SizeCheck& check) {
                     got = true;
                     break;
                 }
-                if (c.cid == "fdAT") {
-                    s.st.safe_read(4);
-                    idat = c.length >= 4 ? c.length - 4 : 0;
+                if (c.cid == "fdAT") {  // load_read: chunk_fdAT checks its length and sequence number
+                    bool eof = false, unknown = false;
+                    call(s, c, eof, unknown);
+                    idat = c.length - 4;
                 } else {
                     idat = c.length;
                 }
@@ -601,6 +619,8 @@ PilImage open_and_load(const std::string& data, const SizeCheck& check) {
         decode_error("image file is truncated");
     } catch (const PySyntaxError& e) {
         decode_error(e.msg);
+    } catch (const std::invalid_argument& e) {  // "APNG contains truncated fDAT chunk"
+        decode_error(e.what());
     }
     // load_end: the chunks after the image data (eXIf, text) still count
     if (idat != 0) s.st.read(static_cast<std::size_t>(std::min<std::uint64_t>(idat, data.size())));
@@ -622,6 +642,7 @@ PilImage open_and_load(const std::string& data, const SizeCheck& check) {
                 }
             }
             if (c.cid == "IEND") break;
+            if (c.cid == "fcTL" && animated) break;  // the next frame starts: the first one is loaded
             bool eof = false, unknown = false;
             call(s, c, eof, unknown);
             if (eof) s.st.safe_read(c.cid == "fdAT" ? c.length - 4 : c.length);
