@@ -54,11 +54,11 @@ detail::PreprocessConfig fuzz_config(bool squash) {
     return c;
 }
 
-PixelsResult pixels(const std::string& data, const detail::PreprocessConfig& cfg) {
+PixelsResult pixels(const std::string& data, const detail::PreprocessConfig& cfg, std::uint64_t max_pixels) {
     PixelsResult r;
-    auto check = [](std::uint64_t w, std::uint64_t h) {
+    auto check = [max_pixels](std::uint64_t w, std::uint64_t h) {
         detail::check_image_size(w, h);
-        if (w * h > kMaxFuzzPixels) throw TooLargeForFuzzing{};
+        if (w * h > max_pixels) throw TooLargeForFuzzing{};
     };
     try {
         detail::RgbImage rgb = detail::decode_rgb(data, check);

@@ -21,14 +21,15 @@ constexpr std::uint64_t kMaxFuzzPixels = std::uint64_t(1) << 20;
 detail::PreprocessConfig fuzz_config(bool squash);
 
 struct PixelsResult {
-    bool skipped = false;      // the header asked for more than kMaxFuzzPixels
+    bool skipped = false;      // the header asked for more than max_pixels
     std::string error;         // the error record's text, when the image is refused
     std::vector<float> tensor; // float32 [3, size, size] otherwise
 };
 
 // Bytes -> tensor or error record, as Tagger::preprocess_file does for a file. Any exception
 // other than qks::Error(Status::image) escapes: the fuzzer reports it as a crash.
-PixelsResult pixels(const std::string& data, const detail::PreprocessConfig& cfg);
+PixelsResult pixels(const std::string& data, const detail::PreprocessConfig& cfg,
+                    std::uint64_t max_pixels = kMaxFuzzPixels);
 
 // A scratch folder of this process (under $TMPDIR), removed at exit.
 const std::string& scratch_dir();

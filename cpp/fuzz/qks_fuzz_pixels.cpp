@@ -30,7 +30,9 @@ int main(int argc, char** argv) {
         }
         const std::string data((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
         // the same geometry as fuzz_image.cpp picks for this input
-        const qks::fuzz::PixelsResult r = qks::fuzz::pixels(data, qks::fuzz::fuzz_config(data.size() % 2 == 1));
+        // up to 16 M pixels: no libFuzzer memory limit here, and these inputs are few
+        const qks::fuzz::PixelsResult r =
+            qks::fuzz::pixels(data, qks::fuzz::fuzz_config(data.size() % 2 == 1), std::uint64_t(1) << 24);
         std::string line = std::string("{\"skipped\": ") + (r.skipped ? "true" : "false") + ", \"error\": ";
         line += r.error.empty() ? "null" : qks::detail::json_quote(qks::display_name(r.error));
         if (!r.tensor.empty()) {
