@@ -7,7 +7,8 @@
 #       (seeded from .cache/fuzz/seeds, made by cpp/fuzz/seeds.py), crashes go to
 #       .cache/fuzz/findings/<target>/, logs to .cache/fuzz/logs/, and one line per run to
 #       .cache/fuzz/runs.tsv: target, wall s, CPU s, executions, edges (cov), features (ft), corpus,
-#       findings. FUZZ_BIN=DIR runs the binaries in DIR. FUZZ_FORK=1 keeps going after a finding (libFuzzer's -fork=1 -ignore_crashes=1).
+#       findings. `fuzz.sh table` sums runs.tsv per target as a Markdown table (FUZZING.md's campaign).
+#       FUZZ_BIN=DIR runs the binaries in DIR. FUZZ_FORK=1 keeps going after a finding (libFuzzer's -fork=1 -ignore_crashes=1).
 #
 # Exit status: 0 done (run: no finding); 1 a target found something; 3 clang/libFuzzer cannot be
 # installed here (the reason is printed and written to cpp/.deps/FUZZ_UNAVAILABLE; the fuzz tests skip).
@@ -84,9 +85,34 @@ EOT
     exit $status
 }
 
+# runs.tsv per target: runs, wall and CPU minutes, executions (summed), edges and features (the
+# largest run's: each run starts from the grown corpus), corpus (last), findings (summed)
+table() {
+    echo "| target | runs | wall min | CPU min | executions | edges (cov) | features (ft) | corpus | findings |"
+    echo "|---|---|---|---|---|---|---|---|---|"
+    awk -F'\t' 'NF >= 8 { t = $1; order[t] = order[t] ? order[t] : ++n; runs[t]++; wall[t] += $2; cpu[t] += $3; ex[t] += $4
+                  if ($5 > cov[t]) cov[t] = $5; if ($6 > ft[t]) ft[t] = $6; corp[t] = $7; fin[t] += $8 }
+         END { for (t in order) printf "%d| `%s` | %d | %.0f | %.0f | %d | %d | %d | %d | %d |\n", order[t], t, runs[t],
+               wall[t] / 60, cpu[t] / 60, ex[t], cov[t], ft[t], corp[t], fin[t] }' "${1:-$cache/runs.tsv}" |
+        sort -n | cut -d'|' -f2- | sed 's/^/|/'
+}
+
+# The edges and features each target's grown corpus covers, measured the same way for all (libFuzzer
+# loads the corpus and stops: its INITED line), unlike the status lines of fork and plain runs.
+coverage() {
+    bin=${FUZZ_BIN:-$build/fuzz}
+    for t in ${*:-$TARGETS}; do
+        [ -d "$cache/corpus/$t" ] || continue
+        line=$("$bin/$t" -runs=0 -rss_limit_mb=2048 -max_len=200000 "$cache/corpus/$t" 2>&1 | grep -E 'INITED' | tail -1)
+        echo "$t $(echo "$line" | sed -E 's/.*cov: ([0-9]+) ft: ([0-9]+) corp: ([0-9]+).*/edges \1 features \2 corpus \3/')"
+    done
+}
+
 case "${1:-}" in
     build) do_build ;;
+    coverage) shift; coverage "$@" ;;
+    table) shift; table "$@" ;;
     deps) deps ;;
     run) shift; run "$@" ;;
-    *) echo "usage: $0 build | run [SECONDS] [TARGET...]" >&2; exit 2 ;;
+    *) echo "usage: $0 build | run [SECONDS] [TARGET...] | table [RUNS.tsv] | coverage [TARGET...]" >&2; exit 2 ;;
 esac
