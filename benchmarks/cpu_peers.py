@@ -113,13 +113,14 @@ def ov_path(path: Path, threads: int, precision: str):
 
 def nncf_int8(src: Path, out: Path, calibration: np.ndarray, *, scope: str = "tokens") -> Path:
     """NNCF post-training INT8 (ONNX backend: QDQ graph) of the fp32 graph, the head's query path
-    (scope "tokens") or whole head ("trunk") ignored, as qks's own INT8 graph keeps them fp32."""
+    (scope "tokens") or whole head ("trunk") and the products around a non-attention Softmax
+    ignored, as qks's own INT8 graph keeps them fp32."""
     import nncf
     import onnx
-    from qks.export.int8 import _head_matmuls, _query_path_matmuls
+    from qks.export.int8 import _head_matmuls, _query_path_matmuls, _softmax_matmuls
 
     model = onnx.load(str(src))
-    ignored = _query_path_matmuls(model) if scope == "tokens" else _head_matmuls(model)
+    ignored = (_query_path_matmuls(model) if scope == "tokens" else _head_matmuls(model)) + _softmax_matmuls(model)
     name = model.graph.input[0].name
     ds = nncf.Dataset([calibration[i:i + 1] for i in range(len(calibration))], lambda x: {name: x})
     q = nncf.quantize(model, ds, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calibration),
@@ -172,9 +173,9 @@ def paths(bundle, graphs: dict, ckpt: Path | None, threads: int) -> list[tuple[s
     p += [("OpenVINO fp32", "openvino", "fp32", lambda: ov_path(graphs["fp32"], threads, "fp32")),
           ("OpenVINO bf16 hint", "openvino", "bf16", lambda: ov_path(graphs["fp32"], threads, "bf16"))]
     if "nncf_int8" in graphs:
-        p += [("OpenVINO + NNCF INT8 (query path fp32), f32 rest", "openvino", "int8",
+        p += [("OpenVINO + NNCF INT8 (qks scope), f32 rest", "openvino", "int8",
                lambda: ov_path(graphs["nncf_int8"], threads, "fp32")),
-              ("OpenVINO + NNCF INT8 (query path fp32), bf16 rest", "openvino", "int8",
+              ("OpenVINO + NNCF INT8 (qks scope), bf16 rest", "openvino", "int8",
                lambda: ov_path(graphs["nncf_int8"], threads, "bf16"))]
     return p
 
@@ -205,6 +206,33 @@ def graph_gflop(path: Path) -> float | None:
         return None
 
 
+def op_profile(path: Path, batch: int, threads: int) -> dict:
+    """ONNX Runtime's profile of one batch, by operator type: ms, share of the total, GFLOP/s of its products."""
+    from qks.runtime.bench import node_flops, profile_nodes
+
+    by_op: dict[str, dict] = {}
+    for n in profile_nodes(path, batch=batch, threads=threads):
+        d = by_op.setdefault(n["op"], {"ms": 0.0, "nodes": 0, "gflop": 0.0})
+        d["ms"] += n["us"] / 1e3
+        d["nodes"] += 1
+        d["gflop"] += node_flops(n) / 1e9
+    total = sum(d["ms"] for d in by_op.values())
+    for d in by_op.values():
+        d["share"] = d["ms"] / total if total else 0.0
+        d["gops"] = d["gflop"] / (d["ms"] / 1e3) if d["ms"] and d["gflop"] else None
+    return {"total_ms": total, "ops": dict(sorted(by_op.items(), key=lambda kv: -kv[1]["ms"]))}
+
+
+def profile_table(prof: dict) -> str:
+    lines = ["| operator | nodes | ms | share | GOP/s |", "|---|---|---|---|---|"]
+    for op, d in prof["ops"].items():
+        if d["share"] >= 0.005:
+            g = f"{d['gops']:.0f}" if d["gops"] else ""
+            lines.append(f"| {op} | {d['nodes']} | {d['ms']:.0f} | {d['share']:.1%} | {g} |")
+    lines.append(f"| total | | {prof['total_ms']:.0f} | | |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bundle", type=Path, required=True)
@@ -217,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calibration", type=int, default=32)
     ap.add_argument("--only", help="comma-separated substrings: run only the paths whose name has one")
     ap.add_argument("--no-peak", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="also ONNX Runtime's per-operator profile of the INT8 "
+                    "graphs (fused and unfused) at the same batch and threads")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
 
@@ -272,15 +302,22 @@ def main(argv: list[str] | None = None) -> int:
                 p = (peak or {}).get(f"{row['engine'] if row['engine'] != 'torch' else 'torch'}_{row['precision']}") \
                     or (peak or {}).get(f"best_{row['precision']}")
                 row["fraction_of_peak"] = row["gops"] / p if p else None
+        profiles = {}
+        if args.profile:
+            for key in ("int8_fused", "int8"):
+                log(f"ONNX Runtime profile: {key}")
+                profiles[key] = op_profile(graphs[key], args.batch, args.threads)
         report = {"machine": {"cpu": cpu_info(), "versions": versions(), "load_average": load},
                   "bundle": str(args.bundle), "model": bundle.manifest["model"].get("backbone"),
                   "graph_gflop_per_image": gflop, "photos": photo_note, "reference": ref_name, "gate": GATE,
                   "method": {"threads": args.threads, "batch": args.batch, "rounds": args.rounds, "iters": args.iters,
                              "timing": "median of iters runs per round (after one warm-up run), rounds interleaved "
                                        "across paths; ms_per_batch = median over rounds"},
-                  "peak": peak, "rows": list(rows.values()),
+                  "peak": peak, "rows": list(rows.values()), "ort_profiles": profiles,
                   "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": " ".join(sys.argv)}
         print(table(report))
+        for key, prof in profiles.items():
+            print(f"\nONNX Runtime profile, {key}, batch {args.batch}, {args.threads} thread(s):\n" + profile_table(prof))
         if args.out:
             args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
             log(f"wrote {args.out}")

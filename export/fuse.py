@@ -135,19 +135,19 @@ def _scaled(g: _Graph, tensor: str) -> tuple[str, float]:
     return tensor, 1.0
 
 
-def _trace_forward(g: _Graph, tensor: str) -> tuple[_Linear | None, str | None, list]:
+def _trace_forward(g: _Graph, tensor: str) -> tuple[_Linear | None, str | None]:
     """From attention.V's output through single-consumer layout ops to the out-projection, then on
-    through layout ops to the tensor the rest of the graph reads. (linear, end tensor, end node)."""
+    through layout ops to the tensor the rest of the graph reads: (out-projection, end tensor)."""
     for _ in range(8):
         node = g.single_consumer(tensor)
         if node is None:
-            return None, None, []
+            return None, None
         if node.op_type in ("Reshape", "Transpose"):
             tensor = node.output[0]
             continue
         break
     else:
-        return None, None, []
+        return None, None
     out = node.output[0]
     if node.op_type == "MatMul":
         add = g.single_consumer(out)
@@ -155,14 +155,14 @@ def _trace_forward(g: _Graph, tensor: str) -> tuple[_Linear | None, str | None, 
             out = add.output[0]
     lin = _linear_at(g, out)
     if lin is None:
-        return None, None, []
+        return None, None
     end = out
     for _ in range(4):
         nxt = g.single_consumer(end)
         if nxt is None or nxt.op_type not in ("Reshape", "Transpose"):
             break
         end = nxt.output[0]
-    return lin, end, [g.producer[end]]
+    return lin, end
 
 
 def _same_dims(a, b) -> bool:
@@ -189,8 +189,7 @@ class _Match:
     heads: int
     scale: float
     out: _Linear
-    end: str
-    end_node: object
+    end: str  # the tensor the rest of the graph reads; its producer is replaced
 
 
 def _match(g: _Graph, softmax) -> _Match | None:
@@ -210,7 +209,7 @@ def _match(g: _Graph, softmax) -> _Match | None:
     (q, qi), (k, ki), (v, vi) = _trace_back(g, qh), _trace_back(g, kh), _trace_back(g, av.input[1])
     if q is None or k is None or v is None:
         return None
-    out, end, end_node = _trace_forward(g, av.output[0])
+    out, end = _trace_forward(g, av.output[0])
     if out is None:
         return None
     width = out.weight.shape[0]
@@ -222,7 +221,7 @@ def _match(g: _Graph, softmax) -> _Match | None:
         if q.weight.shape != (width, 3 * width) or not _same_dims(g.shapes.get(x), g.shapes.get(end)):
             return None
         bias = q.bias if q.bias is not None else np.zeros(3 * width, np.float32)
-        return _Match("Attention", [x, q.weight, bias], heads, scale, out, end, end_node)
+        return _Match("Attention", [x, q.weight, bias], heads, scale, out, end)
     if qi is not None or ki is not None or vi is not None or len({q.out, k.out, v.out}) != 3:
         return None
     if q.x == k.x == v.x:  # self-attention with three projections: concatenate them
@@ -231,10 +230,10 @@ def _match(g: _Graph, softmax) -> _Match | None:
         w = np.concatenate([q.weight, k.weight, v.weight], axis=1)
         zeros = np.zeros(width, np.float32)
         b = np.concatenate([p.bias if p.bias is not None else zeros for p in (q, k, v)])
-        return _Match("Attention", [q.x, w, b], heads, scale, out, end, end_node)
+        return _Match("Attention", [q.x, w, b], heads, scale, out, end)
     if not _same_dims(g.shapes.get(q.out), g.shapes.get(end)):
         return None
-    return _Match("MultiHeadAttention", [q.out, k.out, v.out], heads, scale, out, end, end_node)
+    return _Match("MultiHeadAttention", [q.out, k.out, v.out], heads, scale, out, end)
 
 
 def _emit(g: _Graph, m: _Match, i: int) -> tuple[list, list]:
@@ -290,20 +289,16 @@ def fuse_attention(model) -> dict:
     from onnx import helper
 
     g = _Graph(model)
-    matches = []
-    for node in model.graph.node:
-        if node.op_type == "Softmax":
-            m = _match(g, node)
-            matches.append(m) if m is not None else None
-    stats = {"Attention": 0, "MultiHeadAttention": 0,
-             "unfused_softmax": sum(n.op_type == "Softmax" for n in model.graph.node) - len(matches)}
+    softmaxes = [n for n in model.graph.node if n.op_type == "Softmax"]
+    matches = [m for m in (_match(g, n) for n in softmaxes) if m is not None]
+    stats = {"Attention": 0, "MultiHeadAttention": 0, "unfused_softmax": len(softmaxes) - len(matches)}
     if not matches:
         return stats
     replace = {}
     new_inits = []
     for i, m in enumerate(matches):
         nodes, inits = _emit(g, m, i)
-        replace[id(m.end_node[0])] = nodes
+        replace[id(g.producer[m.end])] = nodes
         new_inits += inits
         stats[m.kind] += 1
     out = []

@@ -89,15 +89,13 @@ QUANTIZABLE = ("MatMul", "Attention")  # Attention: the fused graph's packed QKV
 
 def _query_seeds(model) -> set[str]:
     """The learnable queries' initializer: `head.queries` by name, or (the dynamo exporter folds
-    `queries.unsqueeze(0)` into a constant named like `unsqueeze_2`) the [1, Nq, C] / [Nq, C]
-    initializer that an Expand broadcasts over the batch, Nq being the graph output's query count."""
+    `queries.unsqueeze(0)` into a constant named like `unsqueeze_2`) a [1, Nq, C] / [Nq, C]
+    initializer, Nq > 1, that an Expand broadcasts over the batch (a class token is [1, 1, C])."""
     seeds = {t.name for t in model.graph.initializer if t.name == "head.queries" or t.name.endswith(".queries")}
-    out_dims = model.graph.output[0].type.tensor_type.shape.dim if model.graph.output else []
-    nq = out_dims[1].dim_value if len(out_dims) == 3 and out_dims[1].HasField("dim_value") else 0
     dims = {t.name: list(t.dims) for t in model.graph.initializer}
     for n in model.graph.node:
         d = dims.get(n.input[0]) if n.op_type == "Expand" and n.input else None
-        if nq > 1 and d and len(d) in (2, 3) and d[-2] == nq:
+        if d and (len(d) == 2 or (len(d) == 3 and d[0] == 1)) and d[-2] > 1:
             seeds.add(n.input[0])
     return seeds
 
@@ -158,6 +156,25 @@ def _fuse_gelu(model):
 
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return model, int(stats.get("Gelu", 0) + stats.get("BiasGelu", 0))
+
+
+def _softmax_matmuls(model) -> list[str]:
+    """Weight products next to a Softmax other than attention's: the logits it exponentiates (through
+    a bias Add or a scale) and the product of its probabilities (the lite backbone's ImageNet
+    classifier over every location, then the class-name embeddings weighted by it). INT8 error in
+    logits is amplified by exp; small probabilities lose all precision under one per-tensor scale."""
+    inits = {t.name for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    out = []
+    for sm in (n for n in model.graph.node if n.op_type == "Softmax"):
+        node = producer.get(sm.input[0])
+        while node is not None and node.op_type in ("Add", "Mul", "Div") and any(i in inits for i in node.input):
+            node = producer.get(next(i for i in node.input if i not in inits), None)
+        if node is not None and node.op_type == "MatMul" and node.input[1] in inits:
+            out.append(node.name)
+        out += [n.name for n in model.graph.node
+                if n.op_type == "MatMul" and n.input[0] == sm.output[0] and n.input[1] in inits]
+    return out
 
 
 def _activation_matmuls(model) -> list[str]:
@@ -254,6 +271,7 @@ def quantize_image_encoder(fp32_onnx: str | Path, out: str | Path, calibration: 
                 model, _n = _fuse_gelu(model)
         _gemm_to_matmul(model)
         exclude = set() if quantize_attention else set(_activation_matmuls(model))
+        exclude |= set(_softmax_matmuls(model)) if scope != "all" else set()
         if scope == "trunk":  # the whole head stays fp32
             exclude |= set(_head_matmuls(model))
         elif scope == "tokens":  # the head's query path (12 tokens: ~1 % of the FLOPs) stays fp32

@@ -707,7 +707,7 @@ def run_bench(bundle_dir: str | Path, backends: list[str], batch_sizes: list[int
               threads: int | None = None, workers: int | None = None, ckpt: str | Path | None = None,
               e2e_batches: int | None = None, rounds: int = 1, end_to_end: bool = True, device_id: int = 0,
               cuda_graph: bool = False, torch_device: str = "auto", parity: bool = True, peak: bool = False,
-              log=None) -> dict:
+              peak_size: int = 2048, log=None) -> dict:
     """Measure and return the report dict (see the module docstring)."""
     log = log or (lambda msg: None)
     bundle = Bundle.load(bundle_dir)
@@ -762,7 +762,7 @@ def run_bench(bundle_dir: str | Path, backends: list[str], batch_sizes: list[int
                                                            folders[b], b, workers, work))
         agreement = measure_parity(bundle, engines, files[:PARITY_IMAGES], bank, min(batch_sizes), log) if parity else {}
         work_per_image = _work_per_image(bundle, log) if peak else None
-        peaks = gemm_peak(threads=threads) if peak else {}
+        peaks = gemm_peak(peak_size, threads=threads) if peak else {}
         results = []
         for backend, engine in engines:
             graph = getattr(engine, "graph_name", None) or getattr(engine, "reason", backend)
@@ -927,10 +927,11 @@ def _csv_list(value: str, what: str, cast=str) -> list:
 @click.option("--no-parity", is_flag=True, help="Skip parity (cosine and top-5 agreement against fp32 on --images).")
 @click.option("--peak", is_flag=True, help="Measure the GEMM peak per engine and precision and give every row's "
               "GOP/s as a fraction of it.")
+@click.option("--peak-size", type=click.IntRange(64), default=2048, show_default=True, help="n of the n^3 peak GEMM.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the JSON report here.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines on stderr.")
 def _bench(bundle_dir, backends, precisions, batch_sizes, labels, iters, warmup, rounds, images, e2e_batches,
-           no_end_to_end, threads, workers, ckpt, torch_device, cuda_graph, no_parity, peak, out, quiet):
+           no_end_to_end, threads, workers, ckpt, torch_device, cuda_graph, no_parity, peak, peak_size, out, quiet):
     """Latency and throughput of a bundle per backend and batch size, against the PyTorch baseline."""
     backends = _csv_list(backends, "backend")
     bad = [b for b in backends if b not in BENCH_BACKENDS]
@@ -947,7 +948,8 @@ def _bench(bundle_dir, backends, precisions, batch_sizes, labels, iters, warmup,
     report = run_bench(bundle_dir, backends, sizes, precisions=precisions, labels=labels, iters=iters, warmup=warmup,
                        images=images, threads=threads, workers=workers, ckpt=ckpt, e2e_batches=e2e_batches,
                        rounds=rounds, end_to_end=not no_end_to_end, cuda_graph=cuda_graph,
-                       torch_device=torch_device, parity=not no_parity, peak=peak, log=log)
+                       torch_device=torch_device, parity=not no_parity, peak=peak,
+                       peak_size=peak_size, log=log)
     click.echo(format_table(report))
     if out is not None:
         out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

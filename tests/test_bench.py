@@ -125,3 +125,34 @@ def test_gpu_bench_script_smoke_runs_on_the_cpu(tmp_path):
                for r in report["results"])
     md = (tmp_path / "gpu_bench.md").read_text()
     assert "## Correctness vs fp32 eager" in md and "| bf16 | 2 |" in md
+
+
+def test_bench_every_precision_with_parity_and_peak(runtime_bundle, tiny_checkpoint, photo_dir, tmp_path):
+    """--precision all: every backend's precisions that run here plus the torch fp32 and bf16 baselines,
+    each with its parity against torch fp32 on the photos and its fraction of the measured GEMM peak."""
+    out = tmp_path / "bench.json"
+    res = _bench(["--bundle", str(runtime_bundle), "--backends", "ort-cpu,openvino,torch", "--ckpt",
+                  str(tiny_checkpoint), "--precision", "all", "--images", str(photo_dir), "--peak",
+                  "--peak-size", "256", "--no-end-to-end", "--out", str(out), *FAST[:2], "--iters", "1", "--warmup", "0", "--threads", "1",
+                  "--quiet"])
+    assert res.returncode == 0, res.stderr
+    report = json.loads(out.read_text())
+    rows = {(r["backend"], r["precision"]) for r in report["results"] if r["batch"] == 1}
+    assert {("torch", "fp32"), ("torch", "bf16"), ("ort-cpu", "fp32"), ("ort-cpu", "fp16")} <= rows
+    try:
+        import openvino  # noqa: F401
+        assert {("openvino", "fp32"), ("openvino", "bf16")} <= rows
+    except ImportError:
+        assert any(s["backend"] == "openvino" for s in report["skipped"])
+    peak = report["method"]["gemm_peak"]
+    assert _positive(peak["ort_fp32"]) and _positive(peak["ort_int8"]) and _positive(report["method"]["flops_per_image"])
+    for r in report["results"]:
+        p = r["parity"]
+        assert p["reference"] == "torch fp32" and p["images"] == 5  # the photos that decode
+        assert -1 <= p["cosine_min"] <= 1 and 0 <= p["top5_agreement"] <= 1 and isinstance(p["gate"], bool)
+        if (r["backend"], r["precision"]) in (("torch", "fp32"), ("ort-cpu", "fp32")):
+            assert p["gate"] and p["cosine_min"] > 0.9999
+        if r["precision"] in ("fp32", "bf16", "int8"):
+            assert _positive(r["gops"]) and _positive(r["fraction_of_peak"])
+    table = res.stdout
+    assert "cos min" in table and "top-5" in table and "peak" in table and "bf16" in table

@@ -200,3 +200,35 @@ def test_int8_falls_back_to_the_unfused_graph_when_fusion_fails(runtime_bundle, 
     assert summary["fuse"] is False and "fused graph not used" in summary["fuse_fallback"]
     assert "QAttention" not in summary["integer_ops"] and summary["integer_ops"]["MatMulInteger"] > 0
     assert ver["top5_agreement"] >= 0.99 and (d / GRAPH_FILE).is_file()
+
+
+def test_products_kept_fp32_are_found_by_structure():
+    """The queries folded into an unnamed [1, Nq, C] constant (how the dynamo exporter writes
+    `queries.unsqueeze(0)`) still seed the query path; the logits of a non-attention Softmax and the
+    product of its probabilities (the lite backbone's classifier over locations) are found too."""
+    from onnx import TensorProto, helper, numpy_helper
+    from qks.export.int8 import _query_path_matmuls, _softmax_matmuls
+
+    rng = np.random.default_rng(0)
+
+    def w(name, *shape):
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Expand", ["unsqueeze_3", "s3"], ["q"]),  # queries, [1, 3, 4] -> [B, 3, 4]
+        helper.make_node("MatMul", ["q", "wq"], ["q1"], name="query_mm"),
+        helper.make_node("MatMul", ["x", "wc"], ["logits0"], name="classifier"),
+        helper.make_node("Add", ["logits0", "bc"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["p"], axis=-1),
+        helper.make_node("MatMul", ["p", "we"], ["tok"], name="class_embedding_mean"),
+        helper.make_node("MatMul", ["tok", "wk"], ["k"], name="token_mm"),
+        helper.make_node("Add", ["q1", "k"], ["y"]),
+    ]
+    inits = [w("unsqueeze_3", 1, 3, 4), w("wq", 4, 4), w("wc", 4, 6), w("bc", 6), w("we", 6, 4), w("wk", 4, 4),
+             numpy_helper.from_array(np.array([1, 3, 4], np.int64), "s3")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4])], inits)
+    model = helper.make_model(g)
+    assert _query_path_matmuls(model) == ["query_mm"]
+    assert sorted(_softmax_matmuls(model)) == ["class_embedding_mean", "classifier"]
