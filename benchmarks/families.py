@@ -87,7 +87,7 @@ def gflops(spec: str) -> float:
 def export(model: str, work: Path, images: Path) -> dict:
     """The zero-shot bundle with its FP16 graph, then the INT8 graph added where it passes its gate
     (a failed gate is recorded: `qks-export --int8` would stop there with that line)."""
-    from qks.export.bundle import export_zero_shot
+    from qks.export.bundle import export_zero_shot_report
     from qks.export.errors import ExportError
     from qks.export.int8 import add_int8_graph
 
@@ -97,7 +97,7 @@ def export(model: str, work: Path, images: Path) -> dict:
     out = work / model
     log = lambda m: print(f"  {model}: {m}", flush=True)  # noqa: E731
     t = time.perf_counter()
-    report = export_zero_shot(spec, out, prompts=prompts, fp16=True, calibration_images=images, log=log)
+    report = export_zero_shot_report(spec, out, prompts=prompts, fp16=True, calibration_images=images, log=log)
     # default bank: the 140 everyday labels
     row = {"model": model, "spec": spec, "bundle": str(out), "family": report.manifest["model"]["family"],
            "image_size": report.manifest["preprocess"]["size"], "token_dim": report.manifest["model"]["token_dim"],

@@ -81,19 +81,24 @@ def export_bundle(ckpt: str | Path, out: str | Path, options: ExportOptions | No
 
 def export_bundle_report(ckpt, out, options: ExportOptions | None = None, log=None, **kwargs) -> ExportReport:
     options = _options(options, kwargs)
-    _check_dependencies(options.fp16)
+    if options.prompts is not None:
+        raise ExportError("prompts go with a zero-shot export: a checkpoint names the prompt pool it was trained with")
     return _export(lambda: checkpoint_source(ckpt, options.labels), Path(out), options,
                    _label_cache(ckpt, options.label_cache), log)
 
 
 def export_zero_shot(backbone: str, out: str | Path, options: ExportOptions | None = None, log=None,
-                     **kwargs) -> ExportReport:
-    """A bundle of backbone `backbone` (a registry spec) alone, no head and no checkpoint: the image
-    graph gives the model's own image embedding, scored by the model family's own rule
-    (`qks.export.sources`). The first --labels bank is the default (without one, a shipped everyday
-    vocabulary)."""
+                     **kwargs) -> Path:
+    """Export backbone `backbone` (a registry spec) alone to the bundle folder `out`, no head and no
+    checkpoint; returns `out`. The image graph gives the model's own image embedding, scored by the
+    model family's own rule (`qks.export.sources`). The first `labels` bank is the default (without
+    one, a shipped everyday vocabulary); `prompts`: a prompt-pool file (default: one prompt)."""
+    return export_zero_shot_report(backbone, out, options, log, **kwargs).path
+
+
+def export_zero_shot_report(backbone: str, out, options: ExportOptions | None = None, log=None,
+                            **kwargs) -> ExportReport:
     options = _options(options, kwargs)
-    _check_dependencies(options.fp16)
     prompts = _read_prompts(options.prompts) if options.prompts is not None else None
     cache = _label_cache(None, options.label_cache)
     return _export(lambda: zero_shot_source(backbone, options.labels, prompts), Path(out), options, cache, log)
@@ -101,12 +106,13 @@ def export_zero_shot(backbone: str, out: str | Path, options: ExportOptions | No
 
 def _export(load_source, out: Path, options: ExportOptions, label_cache: Path | None, log) -> ExportReport:
     log = log or (lambda msg: None)
+    _check_dependencies(options.fp16)
     _check_out(out, options.overwrite)
-    source: ExportSource = load_source()
-    if options.tensorrt:  # fail before minutes of export, not after
+    if options.tensorrt:  # fail before minutes of building the model and exporting it, not after
         from .tensorrt_build import import_tensorrt
 
         import_tensorrt()
+    source: ExportSource = load_source()
     _remove_stale_temps(out, log)
     tmp = _make_temp(out)
     try:
@@ -206,8 +212,12 @@ def _read_prompts(path) -> list[str]:
 
     try:
         return load_prompts(str(path))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ExportError(f"prompt pool {path}: {getattr(e, 'strerror', None) or e}") from None
+    except UnicodeDecodeError:
+        raise ExportError(f"prompt pool {path} is not UTF-8 text") from None
+    except OSError as e:
+        raise ExportError(f"prompt pool {path}: {e.strerror or e}") from None
+    except ValueError as e:  # load_prompts names the pool itself
+        raise ExportError(str(e)) from None
 
 
 def _label_cache(ckpt, label_cache) -> Path | None:

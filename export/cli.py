@@ -55,7 +55,7 @@ def main(ckpt, zero_shot, backbone, prompts, out, labels_files, fp16, int8, tens
     """Export a qks checkpoint (or, with --zero-shot, a backbone alone) to a bundle: ONNX graphs verified
     against PyTorch, tokenizer.json, prompts, label banks, and optionally FP16/INT8 graphs and TensorRT
     engines."""
-    from .bundle import ExportOptions, export_bundle_report, export_zero_shot, read_labels_file
+    from .bundle import ExportOptions, export_bundle_report, export_zero_shot_report, read_labels_file
     from .graphs import DEFAULT_OPSET
 
     log = (lambda msg: None) if quiet else (lambda msg: click.echo(f"qks-export: {msg}", err=True))
@@ -76,7 +76,7 @@ def main(ckpt, zero_shot, backbone, prompts, out, labels_files, fp16, int8, tens
                                 calibration_images=calibration_images, opset=opset or DEFAULT_OPSET,
                                 trt_compute_capability=trt_sm, label_cache=label_cache, prompts=prompts)
         if zero_shot:
-            report = export_zero_shot(backbone, out, options, log=log)
+            report = export_zero_shot_report(backbone, out, options, log=log)
         else:
             report = export_bundle_report(ckpt, out, options, log=log)
     except ExportError as e:

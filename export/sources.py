@@ -29,9 +29,10 @@ from .errors import ExportError, one_line
 from .graphs import ImageEncoder, LabelEncoder
 
 DEFAULT_BANK = "default"
-# The prompt pool of a zero-shot bundle whose model was trained with a per-pair sigmoid (SigLIP): its
-# probabilities are calibrated for one prompt; averaging logits over 85 prompts would shift them.
-SIGMOID_PROMPTS = ["a photo of a {}."]
+# A zero-shot bundle's default prompt: SigLIP's probabilities are calibrated for one prompt (a pool averages
+# the per-prompt logits, which shifts them), and a pool costs its size in text encodes per new label
+# (85 for the shipped one: minutes per hundred labels on a CPU). `--prompts FILE` gives a pool.
+ZERO_SHOT_PROMPTS = ["a photo of a {}."]
 
 
 @dataclass
@@ -129,10 +130,10 @@ class ZeroShotText(nn.Module):
 
 def zero_shot_source(spec: str, labels: dict[str, list[str]], prompts: list[str] | None) -> ExportSource:
     """The backbone `spec` alone. Banks: the --labels files (the first is the default), else the shipped
-    everyday vocabulary as "default". Prompts: `prompts`, else one prompt for sigmoid-trained models and
-    the checkpoint's default pool for the others."""
+    everyday vocabulary as "default". Prompts: `prompts`, else ZERO_SHOT_PROMPTS."""
+    import dataclasses
+
     from qks.backbones import create_backbone
-    from qks.prompts import load_prompts
 
     try:
         backbone = create_backbone(spec)
@@ -144,16 +145,19 @@ def zero_shot_source(spec: str, labels: dict[str, list[str]], prompts: list[str]
         labels = {DEFAULT_BANK: _everyday_labels()}
         notes.append(f"no --labels: the default bank holds {len(labels[DEFAULT_BANK])} everyday labels "
                      "(qks-infer --labels FILE tags with any others)")
-    if prompts is None:
-        prompts = list(SIGMOID_PROMPTS) if rule.trained_with == "sigmoid" else load_prompts("default")
+    prompts = list(prompts or ZERO_SHOT_PROMPTS)
+    if len(prompts) > 1 and rule.calibrated:  # the mean of per-prompt logits is not what was calibrated
+        rule = dataclasses.replace(rule, calibrated=False)
+        notes.append(f"{len(prompts)} prompts: a label's logit is the mean of its prompts' logits, which "
+                     f"{backbone.spec}'s calibration did not see; one prompt keeps its probabilities calibrated")
     backbone.eval()
     image_module, text = ZeroShotImage(backbone).eval(), ZeroShotText(backbone, rule).eval()
     with torch.no_grad():
         size = backbone.preprocess.size
         queries = int(image_module(torch.zeros(1, 3, size, size)).shape[1])
-    if not rule.calibrated:
+    if rule.trained_with != "sigmoid":
         how = ("was never trained on image-text pairs" if rule.trained_with == "none"
-               else f"was trained with a {rule.trained_with} loss")
+               else f"was trained with a {rule.trained_with} loss (probability 0.5 at cosine {-rule.bias / rule.scale:.2g})")
         notes.append(f"{backbone.spec} {how}: its probabilities rank labels but are not calibrated "
                      "(pick tags with --top-k, or a threshold chosen on your own images)")
     return ExportSource(
@@ -168,8 +172,8 @@ def zero_shot_source(spec: str, labels: dict[str, list[str]], prompts: list[str]
 
 
 def _formula(rule) -> str:
-    s = "cos(image, label)" if rule.normalize else "<image, label>"
-    return f"sigmoid({rule.scale:.6g} * {s} + {rule.bias:.6g})"
+    s = "cos(image, prompt)" if rule.normalize else "<image, prompt>"
+    return f"sigmoid(mean over the label's prompts of {rule.scale:.6g} * {s} + {rule.bias:.6g})"
 
 
 def _everyday_labels() -> list[str]:

@@ -89,7 +89,7 @@ def _build(family: str, ds: Path, work: Path) -> dict:
     ckpt = work / "run" / "best.pt"
     trained = export_bundle(ckpt, work / "trained", fp16=True, int8=True, calibration_images=ds / "photos")
     zero_shot = export_zero_shot(spec(family), work / "zero-shot", labels={"animals": ZERO_SHOT_LABELS},
-                                 fp16=True, int8=True, calibration_images=ds / "photos").path
+                                 fp16=True, int8=True, calibration_images=ds / "photos")
     return {"trained": trained, "zero-shot": zero_shot, "ckpt": ckpt}
 
 
@@ -144,8 +144,8 @@ def test_trained_bundle_scores_like_pytorch(family, bundles, ds):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_zero_shot_bundle_scores_like_open_clip(family, bundles, ds):
-    """The zero-shot bundle against open_clip itself: sigmoid(scale * cos(image, mean of normalised prompt
-    embeddings) + bias), SigLIP with its learned bias and one prompt, the others with their pool."""
+    """The zero-shot bundle against open_clip itself: sigmoid(scale * cos(image, text) + bias), SigLIP with
+    its learned bias, CLIP-trained models centred at CLIP_CENTRE."""
     from qks.backbones import create_backbone
 
     b = bundles(family)
@@ -155,17 +155,19 @@ def test_zero_shot_bundle_scores_like_open_clip(family, bundles, ds):
     assert rule["trained_with"] == ("sigmoid" if sigmoid_trained else "softmax")
     assert rule["calibrated"] is sigmoid_trained
     assert manifest["default_bank"] == "animals" and manifest["model"]["kind"] == "zero-shot"
+    from qks.backbones.openclip import CLIP_CENTRE
+
     backbone = create_backbone(spec(family))
     clip = backbone.model
     templates = (b["zero-shot"] / "prompts.txt").read_text().splitlines()
-    assert len(templates) == (1 if sigmoid_trained else 85)
+    assert templates == ["a photo of a {}."]
     names, pixels = torch_pixels(backbone, ds / "photos")
     with torch.no_grad():
         image = clip.encode_image(pixels, normalize=True)
-        text = torch.stack([clip.encode_text(backbone.tokenize([t.format(lab) for t in templates]), normalize=True)
-                            .mean(0) for lab in ZERO_SHOT_LABELS])
-        bias = clip.logit_bias if sigmoid_trained else 0.0
-        probs = torch.sigmoid(clip.logit_scale.exp() * image @ text.T + bias).numpy()
+        text = clip.encode_text(backbone.tokenize([templates[0].format(lab) for lab in ZERO_SHOT_LABELS]), normalize=True)
+        scale = clip.logit_scale.exp()
+        bias = clip.logit_bias if sigmoid_trained else -scale * CLIP_CENTRE
+        probs = torch.sigmoid(scale * image @ text.T + bias).numpy()
     got = scores_of(qks_infer(b["zero-shot"], ds / "photos", "--precision", "fp32"))
     assert_close(got, names, ZERO_SHOT_LABELS, probs)
 
@@ -227,3 +229,58 @@ def test_vit_tokens_unchanged_for_existing_checkpoints(tiny_backbone):
         assert torch.equal(tiny_backbone.image_tokens(x), old)
         old_pooled = old[:, 0] @ visual.proj
         assert torch.allclose(tiny_backbone.zero_shot_features(old)[:, 0], torch.nn.functional.normalize(old_pooled, dim=-1))
+
+
+def test_clip_rule_keeps_real_cosines_apart_in_float32(tiny_backbone, monkeypatch):
+    """With real CLIP weights (scale 100, image-text cosines 0.1-0.35) `sigmoid(100 * cos)` is exactly 1.0
+    in float32 for every relevant label and top-k cannot rank them; the centred rule keeps them apart."""
+    monkeypatch.setattr(tiny_backbone.model.logit_scale, "data", torch.tensor(np.log(100.0)))
+    rule = tiny_backbone.zero_shot_rule()
+    assert rule.trained_with == "softmax" and not rule.calibrated
+    cos = np.linspace(0.10, 0.36, 27, dtype=np.float32)
+    probs = 1 / (1 + np.exp(-(np.float32(rule.scale) * cos + np.float32(rule.bias))))
+    assert (np.diff(probs) > 0).all() and probs.max() < 1.0
+    assert (1 / (1 + np.exp(-np.float32(rule.scale) * cos)) == 1.0).sum() > 10  # what the plain scale did
+
+
+# timm and open_clip towers beyond the tiny family configs: each adapter's pooled embedding must be the
+# tower's own (`encode_image`). Small random-weight configs that build in seconds.
+TEXT = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
+TOWER_CONFIGS = {
+    "vit-avg-pool": {"image_size": 32, "layers": 1, "width": 64, "head_width": 32, "patch_size": 8, "pool_type": "avg"},
+    "vit-final-ln-after-pool": {"image_size": 32, "layers": 1, "width": 64, "head_width": 32, "patch_size": 8,
+                                "final_ln_after_pool": True},
+    "coca-attention-pool": {"image_size": 32, "layers": 1, "width": 64, "head_width": 32, "patch_size": 8,
+                            "attentional_pool": True, "attn_pooler_heads": 2, "attn_pooler_queries": 8},
+    "timm-vit-avg-fc-norm": {"image_size": 160, "timm_model_name": "test_vit", "timm_pool": "avg", "timm_proj": "linear"},
+    "timm-swin-nhwc": {"image_size": 224, "timm_model_name": "swin_tiny_patch4_window7_224", "timm_pool": "avg",
+                       "timm_proj": "linear"},
+    "timm-resnet-mlp": {"image_size": 160, "timm_model_name": "test_resnet", "timm_pool": "avg", "timm_proj": "mlp"},
+}
+
+
+@pytest.mark.parametrize("name", TOWER_CONFIGS)
+def test_adapter_pools_like_encode_image(name, tmp_path):
+    from qks.backbones import create_backbone
+
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps({"embed_dim": 32, "vision_cfg": TOWER_CONFIGS[name], "text_cfg": TEXT}))
+    backbone = create_backbone(f"openclip:{path}:none")
+    size = backbone.preprocess.size
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        tokens = backbone.image_tokens(x)
+        got = backbone.zero_shot_features(tokens)[:, 0]
+        want = backbone.model.encode_image(x, normalize=True)
+    assert tokens.shape[-1] == backbone.token_dim and got.shape[-1] == backbone.embed_dim
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    proj = backbone.projection()
+    assert proj is None or tuple(proj.shape) == (backbone.token_dim, backbone.embed_dim)
+
+
+def test_colon_in_a_config_path(tmp_path):
+    from qks.backbones import create_backbone
+
+    path = tmp_path / "with:colon.json"
+    path.write_text((DATA / "qks-tiny-vit.json").read_text())
+    assert create_backbone(f"openclip:{path}:none").spec == f"openclip:{path}:none"

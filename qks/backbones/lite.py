@@ -265,7 +265,9 @@ class LiteBackbone(nn.Module):
         opts = parse_options(arg)
         self.spec = spec or ("lite:" + arg if arg else "lite")
         self.family = "lite"
-        self.prefix_tokens = 1 if opts["global"] else 0
+        # drop_cls has always dropped lite's first token (the global one with `global`, else the first
+        # location): trained heads keep reading what they were trained on.
+        self.prefix_tokens = 1
         self.options = opts
         self.context_length = opts["ctx"]
         self.temperature = opts["temp"]

@@ -20,6 +20,10 @@ from torch import nn
 from .base import Preprocess, ZeroShotRule, module_fingerprint
 from .towers import tower_for
 
+# Where a CLIP-trained model's zero-shot probability is 0.5: the image-text cosine commonly read as "shown"
+# for CLIP ViTs (matching pairs score about 0.25-0.35, unrelated ones 0.1-0.2). A heuristic, not a calibration.
+CLIP_CENTRE = 0.2
+
 # Random-initialised backbones are built under this seed so a spec always names the same weights:
 # a checkpoint trained on `...:none` reloads onto the backbone it was trained with.
 RANDOM_INIT_SEED = 0
@@ -35,15 +39,18 @@ def _import_open_clip():
     return open_clip
 
 
-class _NoRandomInitWarning(logging.Filter):
+class _OpenClipRecords(logging.Filter):
+    """open_clip logs on the root logger while it builds a model: a warning on every random-initialised
+    one (`none` asks for exactly that), and an ERROR line before it raises for weights it cannot load
+    (the raised error becomes qks's own one-line message). Both are dropped."""
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return "No pretrained weights loaded" not in record.getMessage()
+        return record.levelno < logging.WARNING
 
 
 @contextlib.contextmanager
-def _quiet_random_init():
-    """open_clip warns on every random-initialised model; `none` asks for exactly that."""
-    root, quiet = logging.getLogger(), _NoRandomInitWarning()
+def _quiet_open_clip():
+    root, quiet = logging.getLogger(), _OpenClipRecords()
     root.addFilter(quiet)
     try:
         yield
@@ -77,7 +84,7 @@ class OpenClipBackbone(nn.Module):
         with fork:
             if pretrained is None:
                 torch.manual_seed(RANDOM_INIT_SEED)
-            with _quiet_random_init():
+            with _quiet_open_clip():
                 model = open_clip.create_model(name, pretrained=pretrained, weights_only=True)
         model = _reparameterize(model.eval())
         model.requires_grad_(False)
@@ -117,14 +124,17 @@ class OpenClipBackbone(nn.Module):
         return F.normalize(self.tower.pool(tokens), dim=-1).unsqueeze(1)
 
     def zero_shot_rule(self) -> ZeroShotRule:
-        """How the model itself scores an image against a text: SigLIP-trained models (a learned logit
-        bias) as `sigmoid(scale * cos + bias)`, calibrated per label; CLIP-trained ones as `scale * cos`,
-        whose sigmoid is not a calibrated probability (their loss is a softmax over a batch)."""
+        """How the model itself scores an image against a text. SigLIP-trained models (a learned logit
+        bias): `sigmoid(scale * cos + bias)`, a calibrated probability per label. CLIP-trained ones: their
+        logit scale, centred at cosine CLIP_CENTRE (`bias = -scale * CLIP_CENTRE`). Their loss is a softmax
+        over a batch, so no sigmoid of theirs is a calibrated probability; without the centring, `scale *
+        cos` (scale 100 for real CLIP weights, image-text cosines of 0.15-0.35) would round every relevant
+        label to exactly 1.0 in float32 and top-k could no longer rank them."""
         scale = float(self.model.logit_scale.detach().exp())
         bias = getattr(self.model, "logit_bias", None)
         if bias is not None:
             return ZeroShotRule("sigmoid", scale, float(bias.detach()), calibrated=True, normalize=True)
-        return ZeroShotRule("softmax", scale, 0.0, calibrated=False, normalize=True)
+        return ZeroShotRule("softmax", scale, -scale * CLIP_CENTRE, calibrated=False, normalize=True)
 
     def text_fingerprint(self) -> str:
         if self._text_fp is None:
@@ -197,9 +207,13 @@ def _preprocess(open_clip, model, arch: str, name: str, pretrained: str | None) 
 
 
 def create(arg: str, spec: str) -> OpenClipBackbone:
-    # `arg` is "<arch>[:<pretrained>]"; an arch path may itself contain no colon but a pretrained
-    # path might (Windows drives are not a concern here), so split on the first colon only.
-    arch, _, pretrained = arg.partition(":")
+    # `arg` is "<arch>[:<pretrained>]". A model-config path ends in ".json" and may hold colons itself;
+    # otherwise split on the first colon (a pretrained path may hold colons).
+    end = arg.find(".json")
+    if end >= 0 and arg[end + 5:end + 6] in ("", ":"):
+        arch, pretrained = arg[:end + 5], arg[end + 6:]
+    else:
+        arch, _, pretrained = arg.partition(":")
     if not arch:
         raise ValueError(f"backbone spec {spec!r}: expected openclip:<arch>[:<pretrained>]")
     return OpenClipBackbone(arch, pretrained or "openai", spec=spec)

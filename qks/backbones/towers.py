@@ -113,8 +113,9 @@ class OpenClipViT(Tower):
 
 
 class TimmTower(Tower):
-    """open_clip TimmModel: `trunk.forward_features` gives the tokens ([B, N, C], or a [B, C, H, W] map
-    flattened), `trunk.forward_head` then open_clip's head give the embedding."""
+    """open_clip TimmModel: `trunk.forward_features` gives the tokens ([B, N, C], or a feature map, NCHW or
+    NHWC as the trunk's `output_fmt` says, flattened), `trunk.forward_head` then open_clip's head give the
+    embedding."""
 
     family = "timm"
 
@@ -123,15 +124,21 @@ class TimmTower(Tower):
         self.visual = visual
         self.trunk = visual.trunk
         self.prefix_tokens = int(getattr(self.trunk, "num_prefix_tokens", 0) or 0)
-        self.spatial: bool | None = None  # set by the first `tokens` call: does the trunk give a map?
+        self.channels_last = getattr(self.trunk, "output_fmt", "NCHW") == "NHWC"  # Swin, MambaOut
+        with torch.no_grad():  # a map or tokens? (fixed by the architecture; the grid by the input size)
+            self.spatial = self.trunk.forward_features(torch.zeros(1, 3, *visual.image_size)).ndim == 4
 
     def tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.trunk.forward_features(pixels)
-        self.spatial = x.ndim == 4
-        return _as_tokens(x) if self.spatial else x
+        if not self.spatial:
+            return x
+        return x.flatten(1, 2) if self.channels_last else _as_tokens(x)
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = _as_map(tokens) if self.spatial else tokens
+        x = tokens
+        if self.spatial:
+            x = _as_map(tokens)
+            x = x.permute(0, 2, 3, 1) if self.channels_last else x
         return self.visual.head(self.trunk.forward_head(x))
 
     def projection(self) -> torch.Tensor | None:
