@@ -154,7 +154,7 @@ def _read_cached(d: Path, key: str, names: list[str]) -> LabelBank | None:
     if not (npy.is_file() and txt.is_file()):
         return None
     try:
-        emb = np.load(npy, allow_pickle=False)
+        emb = load_npy(npy, "cached label bank")  # numpy raises more than ValueError (EOFError, SyntaxError)
         cached_names = read_names(txt)
     except (OSError, ValueError, BundleError):
         return None  # a damaged cache entry is recomputed, never trusted

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from qks.runtime.bundle import Bundle, load_npy, read_names
 from qks.runtime.infer import jsonl_line, public_record
-from qks.runtime.labels import LabelError, LabelWarning, read_label_file
+from qks.runtime.labels import LabelError, LabelWarning, _read_cached, read_label_file
 from qks.runtime.manifest import BundleError
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -171,6 +171,18 @@ def test_any_npy_loads_or_raises_bundle_error(data):
             load_npy(path, "label bank 'default'")
         except BundleError as e:
             assert "\n" not in str(e)
+
+
+@SETTINGS
+@given(_npy_mutants(), st.binary(max_size=40))
+@example(b"\x93NUMPY\x01\x00\x10\x00{'descr': '<f4'}", b"a\nb\nc\n")
+def test_a_damaged_cached_bank_is_ignored(npy, names):
+    """labels/cache/<key>.npy|.txt are found by name; a damaged pair is recomputed, never an error."""
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "k.npy").write_bytes(npy)
+        (Path(tmp) / "k.txt").write_bytes(names)
+        bank = _read_cached(Path(tmp), "k", ["a", "b", "c"])
+        assert bank is None or (bank.names == ["a", "b", "c"] and bank.embeddings.shape[0] == 3)
 
 
 # file names as os.fsdecode gives them: any bytes but NUL and "/", undecodable ones as surrogates
