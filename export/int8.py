@@ -119,16 +119,19 @@ def _is_head_weight(name: str) -> bool:
 
 
 def _head_matmuls(model) -> list[str]:
-    """Every product from the first node that reads a head initializer or the queries on (the whole head)."""
+    """Every product of the head: those reading a tensor computed from a head initializer or the
+    queries, and the head's projections of the image tokens (a MatMul whose bias Add is a head
+    initializer: its own weight is an unnamed transposed copy in dynamo graphs)."""
     tainted = {t.name for t in model.graph.initializer if _is_head_weight(t.name)} | _query_seeds(model)
-    first = None
-    for i, n in enumerate(model.graph.node):
+    bias_adds = {o for n in model.graph.node if n.op_type == "Add" and any(_is_head_weight(i) for i in n.input)
+                 for o in n.input}
+    out = []
+    for n in model.graph.node:  # topological order
+        if n.op_type in QUANTIZABLE and (tainted & set(n.input) or set(n.output) & bias_adds):
+            out.append(n.name)
         if tainted & set(n.input):
-            first = i
-            break
-    if first is None:
-        return []
-    return [n.name for n in model.graph.node[first:] if n.op_type in QUANTIZABLE]
+            tainted.update(n.output)
+    return out
 
 
 def _fuse_gelu(model):
@@ -359,33 +362,42 @@ def verify_int8(int8_onnx: str | Path, images: dict[str, np.ndarray], reference:
 def make_int8_graph(bundle_dir: str | Path, images: dict[str, np.ndarray], reference: dict[str, np.ndarray],
                     bank: np.ndarray, bank_name: str = "default", *, source_file: str = "image_encoder.onnx",
                     calibration: np.ndarray | None = None, **quantize_options) -> tuple[dict, dict]:
-    """Quantize `source_file` into `image_encoder.int8.onnx` in the bundle folder and verify it.
+    """Quantize `source_file` into `image_encoder.int8.onnx` in the bundle folder and verify it: the
+    fastest candidate (`_candidates`) that passes the gate is written, the ones rejected before it are
+    listed in the summary's "rejected"; ExportError when none passes.
     Returns (verification record, int8 summary) for the graph's manifest record:
     `{"precision": "int8", "source": "image_encoder", "verification": ..., "int8": summary}`."""
     d = Path(bundle_dir)
     options = {"method": "dynamic", "per_channel": True, "weight_type": "qint8", "quantize_attention": False,
                "scope": "tokens", "fuse_gelu": True, "fuse": True, **quantize_options}
-    # Fusion only makes the graph faster; ONNX Runtime's ViT fusion patterns can also break a graph they
-    # were not written for (a FastViT's "SkipLayerNorm" made a cycle), so each step back fuses less.
-    attempts = [options]
-    for fewer in ({"fuse": False}, {"fuse": False, "fuse_gelu": False}):
-        if {**attempts[-1], **fewer} != attempts[-1]:
-            attempts.append({**attempts[-1], **fewer})
-    fallback = None
-    for i, options in enumerate(attempts):
+    rejected = []
+    for candidate in _candidates(options):  # fastest first; the first that passes the gate is written
         try:
-            ver = _quantize_and_verify(d, source_file, images, reference, bank, bank_name, calibration, options)
-            break
+            ver = _quantize_and_verify(d, source_file, images, reference, bank, bank_name, calibration, candidate)
         except ExportError as e:
-            if i == len(attempts) - 1:
-                raise
-            fallback = f"fused graph not used: {e}"
-    summary = dict(options)
-    if options["method"] == "static":
-        summary["calibration_images"] = len(calibration)
-    if fallback:
-        summary["fuse_fallback"] = fallback
-    return ver, {**summary, **int8_summary(d / GRAPH_FILE)}
+            rejected.append(f"{_describe(candidate)}: {e}")
+            continue
+        summary = dict(candidate)
+        if candidate["method"] == "static":
+            summary["calibration_images"] = len(calibration)
+        if rejected:
+            summary["rejected"] = rejected
+        return ver, {**summary, **int8_summary(d / GRAPH_FILE)}
+    raise ExportError(rejected[-1] if len(rejected) == 1 else
+                      f"no INT8 graph passes the gate ({len(rejected)} tried); last: {rejected[-1]}")
+
+
+def _candidates(options: dict) -> list[dict]:
+    """The INT8 graphs to try, fastest first: fused before unfused, and after the requested "tokens"
+    scope the "trunk" scope (the head's token keys/values fp32 too: 8 % of the products, and most of
+    the INT8 error on random-weight ViT-B-16, benchmarks/RESULTS.md)."""
+    scopes = [options["scope"], *(["trunk"] if options["scope"] == "tokens" else [])]
+    fuses = [True, False] if options["fuse"] else [False]
+    return [dict(options, fuse=f, scope=sc) for f in fuses for sc in scopes]
+
+
+def _describe(options: dict) -> str:
+    return f"{'fused' if options['fuse'] else 'unfused'} graph, scope {options['scope']}"
 
 
 def _quantize_and_verify(d: Path, source_file: str, images, reference, bank, bank_name, calibration, options) -> dict:
