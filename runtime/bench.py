@@ -21,6 +21,14 @@ same two stages. Every record then carries `ratio_to_torch` (its images/s over t
 the same batch and stage). torch is imported only when that backend runs: the runtime stays
 torch-free.
 
+Backends come from the registry (`qks.runtime.backend.REGISTRY`) plus "torch"; `--precision all`
+runs every precision each backend declares, and torch in fp32 and bf16 autocast. Parity (default on):
+every engine's query features on up to 64 of the images (`--images`, else the synthetic JPEGs)
+against PyTorch fp32 (or ONNX Runtime CPU fp32): worst cosine, top-5 agreement against the label
+bank, and the INT8 export gate's verdict. `--peak`: the fp32 graph's matrix-product FLOPs (from an
+ONNX Runtime profile) x images/s as GOP/s, over the measured n^3 GEMM peak of the same engine and
+precision (`gemm_peak`).
+
 Output: a table on stdout, and with `--out` a JSON file {"machine", "method", "results",
 "skipped", "command", "date"} (see `_record` for a result's fields). Numbers only, no verdicts.
 With `--rounds R` every measurement is repeated R times, interleaved across backends, so the
