@@ -52,7 +52,7 @@ const char* kHelp =
     "  --bank TEXT                     Name of a label bank stored in the bundle (qks-labels --name).\n"
     "  --labels FILE                   Label file (UTF-8, one label a line) whose bank exists: stored by\n"
     "                                  qks-labels or cached by qks-infer. Default: the bundle's default bank.\n"
-    "  --precision [auto|fp32|fp16|int8]\n"
+    "  --precision [auto|fp32|fp16|int8|bf16]\n"
     "                                  ONNX image graph; auto: int8 (if exported), else fp32.  [default: auto]\n"
     "  --batch-size INTEGER RANGE      [default: 16; x>=1]\n"
     "  --workers INTEGER RANGE         Decode threads (default: min(4, CPUs)).  [x>=1]\n"
@@ -123,8 +123,13 @@ Config parse(int argc, char** argv) {
     if (!S_ISDIR(st.st_mode)) throw UsageError{"Invalid value for 'IMAGES': Directory '" + c.images + "' is a file."};
     qks::Options& o = c.options;
     o.precision = args.get("--precision", "auto");
-    if (o.precision != "auto" && o.precision != "fp32" && o.precision != "fp16" && o.precision != "int8")
-        throw UsageError{"Invalid value for '--precision': '" + o.precision + "' is not one of 'auto', 'fp32', 'fp16', 'int8'."};
+    if (o.precision != "auto" && o.precision != "fp32" && o.precision != "fp16" && o.precision != "int8" &&
+        o.precision != "bf16")
+        throw UsageError{"Invalid value for '--precision': '" + o.precision +
+                         "' is not one of 'auto', 'fp32', 'fp16', 'int8', 'bf16'."};
+    if (o.precision == "bf16")  // qks-infer's choices, so the usage errors match; bf16 is OpenVINO's
+        fail("--precision bf16 runs on OpenVINO (qks-infer --backend openvino); qks-tag runs ONNX Runtime, "
+             "which has no bf16 kernels for these graphs");
     if (args.has("--format") && args.get("--format") != "jsonl") {
         if (args.get("--format") == "csv") fail("qks-tag writes JSONL only (qks-infer --format csv writes CSV)");
         throw UsageError{"Invalid value for '--format': '" + args.get("--format") + "' is not 'jsonl'."};
