@@ -95,6 +95,7 @@ NpyArray read_npy(const std::string& path, const std::string& what) {
         std::size_t j = i;
         while (j + 1 < shape.size() && shape[j] >= '0' && shape[j] <= '9') ++j;
         if (j == i) throw invalid("bad shape");
+        if (j - i > 18) throw invalid("shape too large");  // std::stoull would throw out_of_range
         std::size_t d = std::stoull(shape.substr(i, j - i));
         arr.shape.push_back(d);
         if (d != 0 && count > (std::size_t(1) << 40) / d) throw invalid("shape too large");
