@@ -393,11 +393,16 @@ def _candidates(options: dict) -> list[dict]:
     the INT8 error on random-weight ViT-B-16, benchmarks/RESULTS.md)."""
     scopes = [options["scope"], *(["trunk"] if options["scope"] == "tokens" else [])]
     fuses = [True, False] if options["fuse"] else [False]
-    return [dict(options, fuse=f, scope=sc) for f in fuses for sc in scopes]
+    # Last, no GELU fusion either: ONNX Runtime's ViT fusion patterns can break a graph they were not
+    # written for (a cycle in FastViT/ConvNeXt graphs: "Graph is not a DAG ... Gelu_AddBias").
+    gelus = [True, False] if options["fuse_gelu"] else [False]
+    return [dict(options, fuse=f and g, fuse_gelu=g, scope=sc) for g in gelus for f in fuses for sc in scopes
+            if not (f and not g)]
 
 
 def _describe(options: dict) -> str:
-    return f"{'fused' if options['fuse'] else 'unfused'} graph, scope {options['scope']}"
+    kind = "fused" if options["fuse"] else "unfused" if options["fuse_gelu"] else "plain (no fusion)"
+    return f"{kind} graph, scope {options['scope']}"
 
 
 def _quantize_and_verify(d: Path, source_file: str, images, reference, bank, bank_name, calibration, options) -> dict:
