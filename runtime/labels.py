@@ -83,10 +83,15 @@ class LabelBank:
     embeddings: np.ndarray  # float32 [L, D]
     key: str | None = None
     source: str = ""  # "bundle:<name>", "cache:<path>", "computed"
+    # float32 [L], bank order: per-label thresholds fitted by qks-calibrate for a stored bank (a cached
+    # or computed bank has none), None when there are none
+    thresholds: np.ndarray | None = None
 
     def __post_init__(self):
         if self.embeddings.ndim != 2 or len(self.names) != self.embeddings.shape[0]:
             raise LabelError(f"label bank: {len(self.names)} names for embeddings {list(self.embeddings.shape)}")
+        if self.thresholds is not None and np.shape(self.thresholds) != (len(self.names),):
+            raise LabelError(f"label bank: {len(self.names)} names for thresholds {list(np.shape(self.thresholds))}")
 
     def __len__(self) -> int:
         return len(self.names)
@@ -98,7 +103,7 @@ class LabelBank:
             raise BundleError(f"bundle has no label bank {name!r} (it has: {', '.join(sorted(bundle.banks)) or 'none'})")
         rec = bundle.banks[name]
         emb = load_npy(rec.path, f"label bank {name!r}")
-        return cls(read_names(rec.names_path), emb, rec.key, f"bundle:{name}")
+        return cls(read_names(rec.names_path), emb, rec.key, f"bundle:{name}", rec.thresholds)
 
     @classmethod
     def for_labels(cls, bundle: Bundle, names: list[str], *, cache: bool = True, cache_dir: str | Path | None = None,
@@ -296,11 +301,28 @@ def save_bank(bundle: Bundle, name: str, bank: LabelBank) -> Path:
         m = bundle.manifest
         m.setdefault("files", {})[rel_npy] = file_record(bundle.root, rel_npy)
         m["files"][rel_txt] = file_record(bundle.root, rel_txt)
-        m.setdefault("label_banks", {})[name] = {
-            "file": rel_npy, "names_file": rel_txt, "shape": list(bank.embeddings.shape), "dtype": "float32",
-            "key": bank.key or bank_key_for(bundle, bank.names)}
+        key = bank.key or bank_key_for(bundle, bank.names)
+        rec = {"file": rel_npy, "names_file": rel_txt, "shape": list(bank.embeddings.shape), "dtype": "float32",
+               "key": key}
+        rec.update(_kept_thresholds(bundle, m.get("label_banks", {}).get(name), key, name))
+        m.setdefault("label_banks", {})[name] = rec
         write_manifest(bundle.root, m)
     except OSError as e:
         raise BundleError(f"cannot write to the bundle {bundle.root}: {e.strerror or e}") from None
     bundle.banks[name] = bundle._check_bank(name, m["label_banks"][name])
     return bundle.root / rel_npy
+
+
+def _kept_thresholds(bundle: Bundle, old: dict | None, key: str, name: str) -> dict:
+    """A replaced bank keeps its thresholds (qks-calibrate) only if its key is the same: new labels or a
+    new label encoder make them stale, so they are dropped (file and manifest entry) with a warning."""
+    rel = (old or {}).get("thresholds_file")
+    if rel is None:
+        return {}
+    if old.get("key") == key:
+        return {"thresholds_file": rel}
+    bundle.manifest.get("files", {}).pop(rel, None)
+    Path(bundle.file(rel)).unlink(missing_ok=True)
+    warnings.warn(f"label bank {name!r} changed: its per-label thresholds were fitted for the old bank and are "
+                  "dropped; rerun qks-calibrate", LabelWarning, stacklevel=3)
+    return {}

@@ -33,13 +33,35 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 def select(probs: np.ndarray, names: list[str], top_k: int | None = None,
-           threshold: float | None = None) -> list[tuple[str, float]]:
-    """One image's labels, most probable first: the top k (if given), of those the ones with
-    p >= threshold (if given). With neither, every label."""
+           threshold: float | np.ndarray | None = None) -> list[tuple[str, float]]:
+    """One image's labels, most probable first: those with p >= threshold (if given: one float for
+    every label, or a float32 array of per-label thresholds in bank order), of those the top k (if
+    given). With neither, every label. (For one float this is the same as "the top k, of those
+    p >= threshold"; per label it keeps up to k labels that each pass their own threshold.)"""
     probs = np.asarray(probs)
     order = np.argsort(-probs, kind="stable")
+    if threshold is not None:
+        if np.ndim(threshold) == 0:
+            order = order[probs[order] >= threshold]
+        else:
+            thr = np.asarray(threshold, dtype=np.float32)
+            if thr.shape != probs.shape:
+                raise ValueError(f"{thr.shape[0] if thr.ndim == 1 else list(thr.shape)} thresholds for "
+                                 f"{probs.shape[0]} labels")
+            order = order[probs[order] >= thr[order]]
     if top_k is not None:
         order = order[:max(int(top_k), 0)]
-    if threshold is not None:
-        order = order[probs[order] >= threshold]
     return [(names[i], float(probs[i])) for i in order]
+
+
+def thresholds_for(bank, top_k: int | None, threshold: float | None) -> float | np.ndarray | None:
+    """The threshold argument of `select` for a run, the same rule in every front end: an explicit
+    threshold overrides everything (one value for every label); else the bank's per-label thresholds
+    when it has them (qks-calibrate; with top_k: at most k labels, each above its own); else 0.5
+    unless top_k is given (then none)."""
+    if threshold is not None:
+        return threshold
+    per_label = getattr(bank, "thresholds", None)
+    if per_label is not None:
+        return per_label
+    return None if top_k is not None else 0.5

@@ -1,0 +1,271 @@
+"""`qks-calibrate`: fit per-label thresholds for a label bank on a small labelled sample.
+
+    qks-calibrate --bundle B --data labelled.jsonl [--bank NAME | --labels FILE --name NAME]
+                  [--target f1|precision=0.9] [--min-positives 5]
+
+The sample is a JSONL manifest as qks-train reads it (qks/data.py): `{"image": path, "labels": [...],
+"negatives": [...], "unknown": [...], "unlisted": "negative" | "unknown"}` a line, a relative path
+resolved against the manifest's folder. Its images are scored as qks-infer scores them (the
+bundle's image graph through `select_backend`, runtime.scoring), the rule of runtime/thresholds.py
+fits one threshold per label, and the result is stored beside the bank (labels/NAME.thresholds.json,
+hashed in the manifest). With --labels FILE --name NAME the list is encoded (or found) and stored as
+bank NAME first: a label list that is not a stored bank has no thresholds.
+
+Bad manifest lines are one-line errors (the first few, with their line numbers), or dropped and
+counted with --skip-bad; an image that cannot be decoded is skipped and reported. Exit 0 when the
+thresholds were stored, 2 when the run could not start or finish, 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import numpy as np
+
+from ..engines.base import EngineError
+from .backend import BACKENDS, PRECISIONS, select_backend
+from .bundle import Bundle
+from .cli import _fail, _main, _one_line_warnings
+from .infer import decode_image
+from .labels import LabelBank, LabelError, _atomic_save, read_label_file, save_bank
+from .manifest import BundleError, file_record, sha256_file, write_manifest
+from .preprocess import PreprocessError
+from .scoring import logits, sigmoid
+from .thresholds import DEFAULT_MIN_POSITIVES, CalibrationError, Target, document, dumps, fit
+
+PROG = "qks-calibrate"
+MAX_SHOWN = 5  # problems or labels named in one message before "... and N more"
+_ERRORS = (BundleError, EngineError, LabelError, CalibrationError, PreprocessError, OSError)
+
+
+# -- the labelled sample -------------------------------------------------------------------------
+
+@dataclass
+class Sample:
+    image: str  # as written in the manifest
+    path: Path
+    targets: dict  # label -> +1 / -1 / 0, for the labels the line names
+    unlisted: int  # -1 (negative) or 0 (unknown) for every other label
+
+
+def _names(obj: dict, key: str) -> list[str]:
+    v = obj.get(key, [])
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise ValueError(f"{key!r} must be a list of label names")
+    return v
+
+
+def _parse(line: str, root: Path) -> Sample:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise ValueError("a line must be a JSON object")
+    image = obj.get("image")
+    if not isinstance(image, str) or not image.strip():
+        raise ValueError('missing "image" (a path string)')
+    unlisted = obj.get("unlisted", "negative")
+    if unlisted not in ("negative", "unknown"):
+        raise ValueError(f'"unlisted" must be "negative" or "unknown", not {unlisted!r}')
+    targets = {}
+    for key, value in (("labels", 1), ("negatives", -1), ("unknown", 0)):
+        for name in _names(obj, key):
+            if name in targets:
+                raise ValueError(f"label {name!r} is listed twice (labels/negatives/unknown)")
+            targets[name] = value
+    path = Path(os.path.normpath(image if os.path.isabs(image) else root / image))
+    if not os.path.isabs(image) and os.path.commonpath([root, path]) != str(root):
+        raise ValueError(f"image {image!r} points outside the manifest's folder {root}")
+    return Sample(image, path, targets, -1 if unlisted == "negative" else 0)
+
+
+def read_samples(path: Path, skip_bad: bool = False) -> tuple[list[Sample], list[str]]:
+    """The manifest's samples and the problems of its bad lines (an error unless skip_bad)."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise CalibrationError(f"--data {path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CalibrationError(f"--data {path}: cannot read it ({type(e).__name__})") from None
+    root = Path(os.path.normpath(path.parent.absolute()))
+    samples, problems = [], []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                samples.append(_parse(line, root))
+            except ValueError as e:
+                problems.append(f"{path}:{n}: {e}")
+    if problems and not skip_bad:
+        more = f" (and {len(problems) - 1} more bad line(s))" if len(problems) > 1 else ""
+        raise CalibrationError(f"{problems[0]}{more}; fix the manifest or pass --skip-bad")
+    if not samples:
+        raise CalibrationError(f"--data {path}: no labelled images")
+    return samples, problems
+
+
+def target_matrix(samples: list[Sample], names: list[str]) -> tuple[np.ndarray, set[str]]:
+    """int8 [N, L] targets over the bank's labels, and the data's labels that are not in the bank."""
+    index = {n: j for j, n in enumerate(names)}
+    out = np.empty((len(samples), len(names)), dtype=np.int8)
+    unknown: set[str] = set()
+    for i, s in enumerate(samples):
+        out[i] = s.unlisted
+        for name, v in s.targets.items():
+            if name in index:
+                out[i, index[name]] = v
+            else:
+                unknown.add(name)
+    return out, unknown
+
+
+# -- scoring the sample --------------------------------------------------------------------------
+
+def score_samples(engine, bank: LabelBank, bundle: Bundle, samples: list[Sample], batch_size: int, workers: int,
+                  progress: bool) -> tuple[np.ndarray, list[int], list[str]]:
+    """Probabilities [kept, L] as qks-infer computes them, the kept samples' indices, and one problem a
+    skipped image (undecodable, or a non-finite model output)."""
+    from tqdm import tqdm
+
+    in_name = engine.inputs[0].name
+    outs = [o.name for o in engine.outputs]
+    out_name = "query_features" if "query_features" in outs else outs[0]
+    step = min(batch_size, getattr(engine, "max_batch", None) or batch_size)
+    emb = np.ascontiguousarray(bank.embeddings, dtype=np.float32)
+    mode, k = bundle.scoring
+    probs, kept, problems = [], [], []
+    bar = tqdm(total=len(samples), desc="scoring images", unit="img", file=sys.stderr, disable=not progress)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for start in range(0, len(samples), step):
+            chunk = samples[start:start + step]
+            items = list(pool.map(lambda s: decode_image(None, str(s.path), bundle.preprocess), chunk))
+            ok = [i for i, (_rel, arr, err) in enumerate(items) if err is None]
+            problems += [f"{chunk[i].image}: {err}" for i, (_rel, _arr, err) in enumerate(items) if err is not None]
+            if ok:
+                qf = engine.run({in_name: np.stack([items[i][1] for i in ok])})[out_name]
+                p = sigmoid(logits(qf, emb, mode, k))
+                finite = np.isfinite(p).all(axis=1) & np.isfinite(qf.reshape(len(ok), -1)).all(axis=1)
+                problems += [f"{chunk[ok[j]].image}: model output is not finite" for j in np.flatnonzero(~finite)]
+                probs.append(p[finite])
+                kept += [start + ok[j] for j in np.flatnonzero(finite)]
+            bar.update(len(chunk))
+    bar.close()
+    if not kept:
+        raise CalibrationError(f"none of the {len(samples)} images could be scored (first: {problems[0]})")
+    return np.concatenate(probs).astype(np.float32), kept, problems
+
+
+# -- storing -------------------------------------------------------------------------------------
+
+def store(bundle: Bundle, name: str, doc: dict) -> Path:
+    """Write labels/NAME.thresholds.json and name it in the bank's manifest record (hashed in "files")."""
+    rel = f"labels/{name}.thresholds.json"
+    try:
+        _atomic_save(bundle.file(rel), dumps(doc))
+        m = bundle.manifest
+        m["files"][rel] = file_record(bundle.root, rel)
+        m["label_banks"][name]["thresholds_file"] = rel
+        write_manifest(bundle.root, m)
+    except OSError as e:
+        raise BundleError(f"cannot write to the bundle {bundle.root}: {e.strerror or e}") from None
+    return bundle.file(rel)
+
+
+def _listing(items: list[str]) -> str:
+    shown = ", ".join(items[:MAX_SHOWN])
+    return shown + (f" ... and {len(items) - MAX_SHOWN} more" if len(items) > MAX_SHOWN else "")
+
+
+def summary(fitted, doc: dict, kept: int, skipped: int, extra: set[str], path: Path | None) -> list[str]:
+    fallback = fitted.fallback_labels
+    lines = [f"{kept} images scored ({skipped} skipped), {len(fitted.thresholds)} labels, target {doc['rule']}"
+             + (f"={doc['target']:g}" if doc["target"] is not None else "")
+             + f": {len(fitted.thresholds) - len(fallback)} fitted per label, {len(fallback)} on the global threshold "
+             f"{doc['global_threshold']:.4f}"]
+    if fallback:
+        whys = sorted({r["why"] for r in fitted.per_label if r["fallback"]})
+        lines.append(f"global threshold for {len(fallback)} label(s) ({'; '.join(whys)}): {_listing(fallback)}")
+    if extra:
+        lines.append(f"{len(extra)} label(s) of the data are not in the bank and were ignored: {_listing(sorted(extra))}")
+    lines.append(f"thresholds stored in {path}" if path else "--dry-run: nothing stored")
+    return lines
+
+
+# -- the command ---------------------------------------------------------------------------------
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--bundle", "bundle_dir", default="./bundle", show_default=True, type=click.Path(path_type=Path))
+@click.option("--data", required=True, type=click.Path(path_type=Path),
+              help="Labelled sample: a JSONL manifest (image + labels a line), as qks-train reads.")
+@click.option("--bank", help="Stored label bank to calibrate (default: the bundle's default bank).")
+@click.option("--labels", "labels", type=click.Path(dir_okay=False),
+              help="Or a label file, stored as bank --name first (thresholds belong to a stored bank).")
+@click.option("--name", help="With --labels: the bank name to store it as.")
+@click.option("--target", "target_text", default="f1", show_default=True,
+              help="f1: the F1-optimal threshold per label; precision=P: the lowest threshold reaching precision P.")
+@click.option("--min-positives", type=click.IntRange(1), default=DEFAULT_MIN_POSITIVES, show_default=True,
+              help="Labels with fewer positives in the sample use the global threshold (best for the whole sample).")
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+              help="Image graph precision; calibrate with the one you tag with.")
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--workers", type=click.IntRange(1), default=min(4, os.cpu_count() or 1), help="Decode threads.")
+@click.option("--threads", type=click.IntRange(1), help="ONNX Runtime intra-op threads (default: all cores).")
+@click.option("--skip-bad", is_flag=True, help="Drop bad manifest lines (counted) instead of stopping.")
+@click.option("--dry-run", is_flag=True, help="Fit and report, store nothing.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the bundle's files.")
+def _calibrate(bundle_dir, data, bank, labels, name, target_text, min_positives, backend, precision, batch_size, workers,
+               threads, skip_bad, dry_run, no_progress, no_verify):
+    """Fit one threshold per label of a label bank on a labelled sample and store them with the bank."""
+    _one_line_warnings(PROG)
+    try:
+        target = Target.parse(target_text)
+        if labels and bank:
+            raise LabelError("give --labels or --bank, not both")
+        if labels and not name:
+            raise LabelError("--labels needs --name NAME: thresholds are stored with a named bank in the bundle")
+        if name and not labels:
+            raise LabelError("--name goes with --labels (to calibrate a stored bank, pass --bank NAME)")
+        samples, bad_lines = read_samples(data, skip_bad)
+        bundle = Bundle.load(bundle_dir, verify=not no_verify)
+        if labels:
+            label_bank = LabelBank.for_labels(bundle, read_label_file(labels), threads=threads,
+                                              progress=not no_progress)
+            if not dry_run:
+                save_bank(bundle, name, label_bank)
+        else:
+            name = bank or bundle.default_bank()
+            label_bank = LabelBank.from_bundle(bundle, name)
+        targets, extra = target_matrix(samples, label_bank.names)
+        engine, reason = select_backend(bundle, backend, threads=threads, precision=precision)
+        click.echo(f"{PROG}: backend {reason}", err=True)
+        with engine:
+            t0 = time.perf_counter()
+            probs, kept, problems = score_samples(engine, label_bank, bundle, samples, batch_size, workers,
+                                                  not no_progress)
+        fitted = fit(probs, targets[kept], label_bank.names, target, min_positives)
+        doc = document(fitted, bank=name, bank_key=label_bank.key, target=target, min_positives=min_positives,
+                       data={"file": data.name, "sha256": sha256_file(data), "images": len(kept),
+                             "skipped": len(problems) + len(bad_lines), "seconds": round(time.perf_counter() - t0, 1)},
+                       created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        path = None if dry_run else store(bundle, name, doc)
+    except KeyboardInterrupt:
+        _fail(PROG, "interrupted (nothing stored)", 130)
+    except _ERRORS as e:
+        _fail(PROG, str(e) or type(e).__name__)
+    for p in (bad_lines + problems)[:MAX_SHOWN]:
+        click.echo(f"{PROG}: skipped {p}", err=True)
+    for line in summary(fitted, doc, len(kept), len(problems) + len(bad_lines), extra, path):
+        click.echo(f"{PROG}: {line}", err=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    _main(_calibrate, PROG, argv)
