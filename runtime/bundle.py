@@ -15,6 +15,7 @@ import numpy as np
 
 from .manifest import BundleError, read_manifest, resolve, sha256_file
 from .preprocess import Preprocess
+from .thresholds import read_thresholds
 
 IMAGE_GRAPHS = ("image_encoder", "image_encoder_fp16")
 LABEL_GRAPH = "label_encoder"
@@ -38,6 +39,7 @@ class BankRecord:
     names_path: Path
     shape: tuple[int, int]
     key: str | None
+    thresholds: np.ndarray | None = None  # float32 [L], per-label thresholds (qks-calibrate), if stored
 
 
 class Bundle:
@@ -141,7 +143,11 @@ class Bundle:
         names = read_names(names_path)
         if len(names) != arr.shape[0]:
             raise BundleError(f"label bank {name!r} has {arr.shape[0]} vectors but {len(names)} names")
-        return BankRecord(name, path, names_path, tuple(arr.shape), rec.get("key"))
+        thresholds = None
+        if rec.get("thresholds_file") is not None:  # hashed like the bank; fitted for this bank's key
+            thresholds = read_thresholds(self._listed(rec["thresholds_file"], f"label bank {name!r} thresholds"),
+                                         name, arr.shape[0], rec.get("key"))
+        return BankRecord(name, path, names_path, tuple(arr.shape), rec.get("key"), thresholds)
 
     # -- accessors ---------------------------------------------------------------------------------
 
