@@ -18,7 +18,7 @@ from .backend import BACKENDS, PRECISIONS, label_device, select_backend
 from .bundle import Bundle
 from .infer import InferError, InferOptions, run_folder
 from .labels import LabelBank, LabelError, read_label_file, save_bank
-from .manifest import BundleError
+from .manifest import BundleError, sha256_file
 from .preprocess import PreprocessError
 
 _ERRORS = (BundleError, EngineError, LabelError, InferError, PreprocessError, OSError)
@@ -103,20 +103,41 @@ def output_format(fmt: str | None, out: Path | None) -> str:
 @click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), help="Output file (default: stdout). "
               "Run metadata goes to OUT.meta.json.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run: skip images already in --out.")
+@click.option("--update", is_flag=True, help="OUT holds an earlier run over IMAGES: tag only images that are new "
+              "or changed (size, mtime), drop records of deleted ones. OUT is replaced whole at the end.")
+@click.option("--checksum", is_flag=True, help="With --update: an image is unchanged when its content (sha256) is, "
+              "whatever its mtime. Needs the earlier run to have used --checksum too.")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Skip images whose relative path, file name or a "
+              "folder above matches GLOB (repeatable): --exclude '*.tmp' --exclude .thumbnails")
+@click.option("--embeddings", type=click.Path(dir_okay=False, path_type=Path), help="Also write each image's "
+              "L2-normalised embedding to this .npy (row order in the .json beside it), for qks-similar and qks-dupes.")
+@click.option("--xmp", is_flag=True, help="Write the selected labels into an XMP sidecar beside each image "
+              "(dc:subject and lr:hierarchicalSubject; merged with an existing sidecar; the image is never touched).")
+@click.option("--xmp-naming", type=click.Choice(["ext", "base"]), default="ext", show_default=True,
+              help="Sidecar name: ext = IMG.jpg.xmp (darktable, digiKam), base = IMG.xmp (Lightroom).")
+@click.option("--xmp-root", default="qks|label", show_default=True, help="Root of the hierarchical keywords.")
 @options(OVERWRITE, NO_PROGRESS, NO_VERIFY)
 @click.option("--cuda-graph", is_flag=True, help="TensorRT: replay full batches as a captured CUDA graph.")
 def _infer(images, labels, bundle_dir, bank, backend, precision, batch_size, workers, threads, top_k, threshold, all_scores,
-           fmt, out, resume, overwrite, no_progress, no_verify, cuda_graph):
+           fmt, out, resume, update, checksum, exclude, embeddings, xmp, xmp_naming, xmp_root, overwrite, no_progress,
+           no_verify, cuda_graph):
     """Tag every image under IMAGES (recursively) with label probabilities."""
     prog = "qks-infer"
     _one_line_warnings(prog)
     fmt = output_format(fmt, out)
-    if out is not None and out.is_file() and out.stat().st_size > 0 and not (resume or overwrite):
-        _fail(prog, f"{out} exists: pass --resume to continue it or --overwrite to replace it")
-    if resume and out is None:
-        _fail(prog, "--resume needs --out FILE")
+    if out is not None and out.is_file() and out.stat().st_size > 0 and not (resume or overwrite or update):
+        _fail(prog, f"{out} exists: pass --resume to continue it, --update to tag what changed, "
+                    "or --overwrite to replace it")
+    for flag, given in (("--resume", resume), ("--update", update)):
+        if given and out is None:
+            _fail(prog, f"{flag} needs --out FILE")
+    if checksum and not update:
+        _fail(prog, "--checksum goes with --update")
+    if xmp and all_scores:
+        _fail(prog, "--xmp writes the selected labels as keywords; it cannot be combined with --all-scores")
     try:
         bundle = Bundle.load(bundle_dir, verify=not no_verify)
+        embedding_output = bundle.require_embedding() if embeddings is not None else None
         engine, reason = select_backend(bundle, backend, threads=threads, cuda_graph=cuda_graph,
                                         precision=precision)
         click.echo(f"{prog}: backend {reason}", err=True)
@@ -126,11 +147,18 @@ def _infer(images, labels, bundle_dir, bank, backend, precision, batch_size, wor
         except BaseException:
             engine.close()
             raise
-        meta = {"qks": _version(), "bundle": str(bundle.root), "backend": engine.backend, "backend_reason": reason,
+        meta = {"qks": _version(), "bundle": str(bundle.root), "bundle_sha256": sha256_file(bundle.root / "manifest.json"),
+                "model": bundle.manifest["model"].get("backbone"), "backend": engine.backend, "backend_reason": reason,
                 "bank": label_bank.source, "bank_key": label_bank.key, "labels": len(label_bank)}
+        if embeddings is not None:
+            from .embeddings import embeddings_meta
+
+            meta.update(embedding_output=embedding_output, embeddings=str(embeddings),
+                        embeddings_meta=embeddings_meta(bundle, root=str(images)))
         opts = InferOptions(batch_size=batch_size, workers=workers, top_k=top_k, threshold=threshold,
                             all_scores=all_scores, fmt=fmt, resume=resume, overwrite=overwrite,
-                            progress=not no_progress)
+                            progress=not no_progress, exclude=tuple(exclude), update=update, checksum=checksum,
+                            embeddings=embeddings, xmp=xmp_naming if xmp else None, xmp_root=xmp_root)
         with engine:
             summary = run_folder(images, engine, label_bank, bundle.preprocess, out, opts, bundle.scoring, meta)
     except KeyboardInterrupt:
@@ -138,7 +166,8 @@ def _infer(images, labels, bundle_dir, bank, backend, precision, batch_size, wor
     except _ERRORS as e:
         _fail(prog, str(e) or type(e).__name__)
     dest = str(out) if out else "stdout"
-    click.echo(f"{prog}: {summary.written} images tagged ({summary.errors} errors, {summary.skipped} already done) "
+    done = f"{summary.skipped} unchanged, {summary.removed} removed" if update else f"{summary.skipped} already done"
+    click.echo(f"{prog}: {summary.written} images tagged ({summary.errors} errors, {done}) "
                f"in {summary.seconds:.1f} s, {summary.images_per_s:.1f} images/s -> {dest}", err=True)
     sys.exit(1 if summary.errors else 0)
 

@@ -43,9 +43,19 @@ import numpy as np
 from .preprocess import Preprocess, PreprocessError
 from .scoring import logits as score_logits
 from .scoring import select, sigmoid
+from .update import (
+    UpdateError,
+    excluded,
+    file_states,
+    read_chunks,
+    read_states,
+    state_path,
+    unchanged,
+    write_states,
+)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
-                              ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico"})
+                              ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico", ".heic", ".heif", ".avif"})
 META_SUFFIX = ".meta.json"
 
 
@@ -53,8 +63,9 @@ class InferError(RuntimeError):
     """A run that cannot start or continue; one line."""
 
 
-def find_images(root: str | Path) -> list[str]:
-    """Image files under `root`, as sorted POSIX paths relative to it."""
+def find_images(root: str | Path, exclude: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """Image files under `root`, as sorted POSIX paths relative to it, without those (or the folders)
+    an `exclude` pattern matches (see `update.excluded`)."""
     root = Path(root)
     if not root.is_dir():
         raise InferError(f"image folder not found: {root}")
@@ -70,10 +81,10 @@ def find_images(root: str | Path) -> list[str]:
             dirnames[:] = []
             continue
         seen_dirs.add(ident)
-        dirnames.sort()
         rel_dir = Path(dirpath).relative_to(root)
+        dirnames[:] = sorted(d for d in dirnames if not excluded((rel_dir / d).as_posix(), exclude))
         for name in filenames:
-            if Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+            if Path(name).suffix.lower() not in IMAGE_EXTENSIONS or excluded((rel_dir / name).as_posix(), exclude):
                 continue
             try:
                 if not stat.S_ISREG(os.stat(os.path.join(dirpath, name)).st_mode):
@@ -95,12 +106,19 @@ class InferOptions:
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
+    exclude: tuple[str, ...] = ()  # --exclude patterns (see update.excluded)
+    update: bool = False  # tag only new or changed images into an existing OUT (see update.py)
+    checksum: bool = False  # an image is unchanged when its sha256 is (not its size and mtime)
+    embeddings: Path | None = None  # write each image's embedding here (.npy, plus the .json index)
+    xmp: str | None = None  # write XMP sidecars: "ext" (IMG.jpg.xmp) or "base" (IMG.xmp)
+    xmp_root: str = "qks|label"  # root of the hierarchical keywords
 
 
 @dataclass
 class RunSummary:
     total: int = 0  # images found
-    skipped: int = 0  # already in the output (--resume)
+    skipped: int = 0  # already in the output (--resume) or unchanged (--update)
+    removed: int = 0  # records of images no longer there (--update)
     written: int = 0  # records written this run
     errors: int = 0  # error records written this run
     seconds: float = 0.0
@@ -126,6 +144,24 @@ def effective_threshold(top_k: int | None, threshold: float | None) -> float | N
     return threshold if (threshold is not None or top_k is not None) else 0.5
 
 
+def run_threshold(top_k: int | None, threshold: float | None, bank) -> float | np.ndarray | None:
+    """What a run selects with: an explicit --threshold, else the bank's calibrated per-label thresholds
+    (qks-calibrate; with --top-k, at most k labels, each above its own), else `effective_threshold`."""
+    per_label = getattr(bank, "thresholds", None)
+    if threshold is None and per_label is not None:
+        return per_label
+    return effective_threshold(top_k, threshold)
+
+
+def threshold_record(threshold) -> float | str | None:
+    """The threshold as the run's metadata states it (per-label thresholds by their sha256)."""
+    if isinstance(threshold, np.ndarray):
+        import hashlib
+
+        return "per-label:" + hashlib.sha256(np.ascontiguousarray(threshold, dtype=np.float32).tobytes()).hexdigest()[:16]
+    return threshold
+
+
 def public_record(record: dict) -> dict:
     """A record as written: its image name and error text as valid UTF-8 (see `display_name`)."""
     return dict(record, image=display_name(record["image"]),
@@ -148,24 +184,46 @@ class RecordBuilder:
     Probabilities are rounded to 7 significant digits; non-finite model outputs become errors."""
 
     def __init__(self, engine, bank, scoring: tuple[str, int] = ("max", 1), *, top_k: int | None = None,
-                 threshold: float | None = None, all_scores: bool = False):
+                 threshold: float | None = None, all_scores: bool = False, embedding_output: str | None = None):
         self.engine = engine
         self.names = list(bank.names)
         self.embeddings = np.ascontiguousarray(bank.embeddings, dtype=np.float32)
         self.mode, self.k = scoring
-        self.top_k, self.threshold, self.all_scores = top_k, effective_threshold(top_k, threshold), all_scores
+        self.top_k, self.all_scores = top_k, all_scores
+        self.threshold = run_threshold(top_k, threshold, bank)
         self.in_name = engine.inputs[0].name
         self.out_name = engine.outputs[0].name
+        self.embedding_output = embedding_output  # also return this output (the image embedding) per image
         self.max_batch = getattr(engine, "max_batch", None)
 
-    def _query_features(self, pixels: np.ndarray) -> np.ndarray:
+    def _run(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        names = [self.out_name] + ([self.embedding_output] if self.embedding_output else [])
         step = self.max_batch or len(pixels)
-        outs = [self.engine.run({self.in_name: pixels[i:i + step]})[self.out_name] for i in range(0, len(pixels), step)]
-        return outs[0] if len(outs) == 1 else np.concatenate(outs)
+        outs = [self.engine.run({self.in_name: pixels[i:i + step]}) for i in range(0, len(pixels), step)]
+        return {n: outs[0][n] if len(outs) == 1 else np.concatenate([o[n] for o in outs]) for n in names}
 
     def __call__(self, items: list[tuple]) -> list[dict]:
-        pixels = [arr for _rel, arr, _err in items if arr is not None]
-        return self.records(items, self._query_features(np.stack(pixels)) if pixels else None)
+        return self.tag(items)[0]
+
+    def tag(self, items: list[tuple]) -> tuple[list[dict], dict[int, np.ndarray]]:
+        """The records of `items`, and {item index: its image embedding} for the images tagged
+        (empty unless `embedding_output` was given)."""
+        ok = [i for i, (_rel, arr, _err) in enumerate(items) if arr is not None]
+        if not ok:
+            return self.records(items, None), {}
+        outs = self._run(np.stack([items[i][1] for i in ok]))
+        records = self.records(items, outs[self.out_name])
+        if not self.embedding_output:
+            return records, {}
+        vectors = {}
+        for i, vec in zip(ok, outs[self.embedding_output], strict=True):
+            if "error" in records[i]:
+                continue
+            if not np.isfinite(vec).all():
+                records[i] = {"image": records[i]["image"], "error": "image embedding is not finite (NaN or inf)"}
+            else:
+                vectors[i] = np.asarray(vec, dtype=np.float32)
+        return records, vectors
 
     def records(self, items: list[tuple], qf: np.ndarray | None) -> list[dict]:
         """The records of `items` from the query features of their decoded images (in order; None when
@@ -213,22 +271,28 @@ class _Writer:
         csv.writer(buf, lineterminator="\n").writerows(rows)
         self.f.write(buf.getvalue())
 
-    def write(self, records: list[dict]) -> None:
+    def text(self, records: list[dict]) -> str:
+        """The records as written (JSONL lines or CSV rows). A record with labels and an error (its XMP
+        sidecar failed) gives its label rows with the error in each."""
         records = [public_record(r) for r in records]
         if self.fmt == "jsonl":
-            self.f.write("".join(jsonl_line(r) + "\n" for r in records))
-        else:
-            rows = []
-            for r in records:
-                if "error" in r:
-                    rows.append([r["image"], *([""] * (len(self.header) - 2)), r["error"]])
-                elif self.all_scores:
-                    rows.append([r["image"], *(r["scores"][n] for n in self.names), ""])
-                elif r["labels"]:
-                    rows.extend([r["image"], n, p, ""] for n, p in r["labels"].items())
-                else:
-                    rows.append([r["image"], "", "", ""])
-            self._csv_rows(rows)
+            return "".join(jsonl_line(r) + "\n" for r in records)
+        rows = []
+        for r in records:
+            if "labels" in r and r["labels"]:
+                rows.extend([r["image"], n, p, r.get("error", "")] for n, p in r["labels"].items())
+            elif "error" in r:
+                rows.append([r["image"], *([""] * (len(self.header) - 2)), r["error"]])
+            elif self.all_scores:
+                rows.append([r["image"], *(r["scores"][n] for n in self.names), ""])
+            else:
+                rows.append([r["image"], "", "", ""])
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerows(rows)
+        return buf.getvalue()
+
+    def write(self, records: list[dict]) -> None:
+        self.f.write(self.text(records))
         self.f.flush()
 
     def close(self) -> None:
@@ -295,108 +359,268 @@ def decode_image(root: Path | None, rel: str, pp: Preprocess) -> tuple[str, np.n
         return rel, None, f"cannot decode image: {type(e).__name__}: {str(e)[:150]}"
 
 
-def run_folder(images: str | Path, engine, bank, preprocess: Preprocess, out: str | Path | None,
-               options: InferOptions | None = None, scoring: tuple[str, int] = ("max", 1),
-               meta: dict | None = None) -> RunSummary:
-    """Tag every image under `images`; see the module docstring for the output."""
-    from tqdm import tqdm
+@dataclass
+class _Plan:
+    """What a run does: the images to tag, and for --update the records (and embeddings) it keeps."""
+    todo: list[str]
+    append: bool = False  # --resume: append to OUT
+    kept: dict[str, str] | None = None  # --update: {display name: its record text in OUT}, unchanged images
+    removed: int = 0  # --update: records of images no longer found
+    old_vectors: dict[str, np.ndarray] = field(default_factory=dict)  # embeddings of the images not tagged again
 
-    opts = options or InferOptions()
+
+def _check_options(opts: InferOptions, out: Path | None) -> None:
     if opts.fmt not in ("jsonl", "csv"):
         raise InferError(f"unknown output format {opts.fmt!r} (jsonl or csv)")
     if opts.batch_size < 1:
         raise InferError("--batch-size must be at least 1")
-    threshold = effective_threshold(opts.top_k, opts.threshold)
-    root = Path(images)
-    out = Path(out) if out is not None and str(out) != "-" else None
-    meta_path = out.with_name(out.name + META_SUFFIX) if out else None
-    all_images = find_images(root)
-    summary = RunSummary(total=len(all_images))
+    if (opts.resume or opts.update) and out is None:
+        raise InferError(f"{'--resume' if opts.resume else '--update'} needs --out FILE")
+    if opts.resume and opts.update:
+        raise InferError("give --resume or --update, not both")
+    if opts.xmp is not None and opts.all_scores:
+        raise InferError("--xmp writes the selected labels as keywords; it cannot be combined with --all-scores")
+    if opts.xmp not in (None, "ext", "base"):
+        raise InferError(f"unknown XMP sidecar naming {opts.xmp!r} (ext or base)")
 
-    append = False
-    done: set[str] = set()
+
+def _same_settings(out: Path, meta_path: Path, settings: dict, strict: bool) -> None:
+    """Refuse to continue OUT (--resume) or update it (--update, `strict`: its metadata must exist) when
+    it was written with other settings: the merged output would mix two runs."""
+    what = "updating" if strict else "resuming into"
+    try:
+        old = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        if strict:
+            raise InferError(f"{out}: no readable {meta_path.name} says how it was written; not {what} it "
+                             "(use --overwrite)") from None
+        return
+    for k, v in settings.items():
+        if k in old and (old[k] is not None or k in ("top_k", "threshold")) and old[k] != v:
+            raise InferError(f"{out}: was written with {k}={old[k]!r}, this run has {v!r}; not {what} it")
+        if strict and k not in old and v is not None:
+            raise InferError(f"{out}: was written without {k} (this run: {v!r}); not {what} it (use --overwrite)")
+
+
+def _old_vectors(opts: InferOptions, names: set[str]) -> dict[str, np.ndarray]:
+    """The embeddings already written for `names` (--resume, --update), {} when there is no file."""
+    if opts.embeddings is None or not opts.embeddings.with_suffix(".json").is_file():
+        return {}
+    from .embeddings import EmbeddingsError, load_embeddings
+
+    try:
+        old_names, vectors, _meta = load_embeddings(opts.embeddings)
+    except EmbeddingsError as e:
+        raise InferError(f"--embeddings: {e}") from None
+    return {n: v for n, v in zip(old_names, vectors, strict=True) if n in names}
+
+
+def _plan(root: Path, out: Path | None, meta_path: Path | None, all_images: list[str], header: list[str],
+          settings: dict, states: dict[str, dict] | None, opts: InferOptions) -> _Plan:
+    if out is None or not out.exists() or out.stat().st_size == 0:
+        return _Plan(todo=all_images)
+    if opts.resume:
+        _same_settings(out, meta_path, settings, strict=False)
+        done = done_images(out, opts.fmt, header)
+        old_vectors = _old_vectors(opts, done)
+        if opts.embeddings is not None and not done <= set(old_vectors):
+            raise InferError(f"--embeddings: {opts.embeddings} lacks images already in {out}; "
+                             "run again with --overwrite")
+        return _Plan(todo=[p for p in all_images if display_name(p) not in done], append=True,
+                     old_vectors=old_vectors)
+    if opts.update:
+        _same_settings(out, meta_path, settings, strict=True)
+        return _update_plan(out, all_images, header, states, opts)
+    if not opts.overwrite:
+        raise InferError(f"{out} exists: pass --resume to continue it, --update to tag what changed, "
+                         "or --overwrite to replace it")
+    return _Plan(todo=all_images)
+
+
+def _update_plan(out: Path, all_images: list[str], header: list[str], states: dict[str, dict],
+                 opts: InferOptions) -> _Plan:
+    """--update: keep the records of unchanged images (and their embeddings); tag the rest."""
+    try:
+        chunks, errors = read_chunks(out, opts.fmt, header)
+        old_states = read_states(out)
+    except UpdateError as e:
+        raise InferError(str(e)) from None
+    if old_states is None:
+        import warnings
+
+        warnings.warn(f"{state_path(out).name} not found beside {out}: every image is tagged again", stacklevel=3)
+        old_states = {}
+    shown = {p: display_name(p) for p in all_images}
+    keep = {shown[p] for p in all_images if shown[p] in chunks and shown[p] not in errors
+            and unchanged(old_states.get(shown[p]), states[p], opts.checksum)}
+    old_vectors = _old_vectors(opts, keep)
+    if opts.embeddings is not None:
+        keep &= set(old_vectors)  # an image without its embedding is tagged again
+    return _Plan(todo=[p for p in all_images if shown[p] not in keep], kept={n: chunks[n] for n in keep},
+                 removed=len(set(chunks) - set(shown.values())), old_vectors=old_vectors)
+
+
+class _XmpSink:
+    """--xmp: each tagged image's labels into its XMP sidecar; a failure becomes the record's error (the
+    labels stay in the record)."""
+
+    def __init__(self, root: Path, opts: InferOptions, meta: dict):
+        from .xmp import XmpError, write_sidecar
+
+        self.write, self.error = write_sidecar, XmpError
+        self.root, self.naming, self.hierarchy = root, opts.xmp, opts.xmp_root
+        self.model, self.bundle_sha256 = str(meta.get("model") or ""), str(meta.get("bundle_sha256") or "")
+
+    def __call__(self, records: list[dict]) -> None:
+        for r in records:
+            if "labels" not in r or "error" in r:
+                continue
+            try:
+                self.write(self.root / r["image"], list(r["labels"]), model=self.model,
+                           bundle_sha256=self.bundle_sha256, root=self.hierarchy, naming=self.naming)
+            except self.error as e:
+                r["error"] = f"XMP sidecar not written: {e}"
+
+
+def _save_vectors(opts: InferOptions, order: list[str], vectors: dict[str, np.ndarray], meta: dict) -> None:
+    """The embeddings of the images in `order` that have one, in that order."""
+    from .embeddings import EmbeddingsError, save_embeddings
+
+    names = [display_name(p) for p in order if display_name(p) in vectors]
+    dim = next(iter(vectors.values())).shape[-1] if vectors else 0
+    stacked = np.stack([vectors[n] for n in names]) if names else np.zeros((0, dim), np.float32)
+    try:
+        save_embeddings(opts.embeddings, names, stacked, meta)
+    except EmbeddingsError as e:
+        raise InferError(f"--embeddings: {e}") from None
+
+
+def _write_update(out: Path, fmt: str, header: list[str], all_images: list[str], kept: dict[str, str],
+                  new: dict[str, dict], writer_args: tuple) -> None:
+    """The updated OUT, in the order of a full run, written beside it and then swapped in whole."""
+    tmp = out.with_name(out.name + ".update.tmp")
+    writer = _Writer(tmp, *writer_args, append=False)
+    try:
+        for p in all_images:
+            name = display_name(p)
+            if name in kept:
+                writer.f.write(kept[name])
+            else:
+                writer.f.write(writer.text([new[p]]))
+        writer.f.flush()
+        os.fsync(writer.f.fileno())
+    finally:
+        writer.close()
+    os.replace(tmp, out)
+
+
+def run_folder(images: str | Path, engine, bank, preprocess: Preprocess, out: str | Path | None,
+               options: InferOptions | None = None, scoring: tuple[str, int] = ("max", 1),
+               meta: dict | None = None) -> RunSummary:
+    """Tag every image under `images`; see the module docstring for the output."""
+    opts = options or InferOptions()
+    out = Path(out) if out is not None and str(out) != "-" else None
+    _check_options(opts, out)
+    threshold = run_threshold(opts.top_k, opts.threshold, bank)
+    root = Path(images)
+    meta_path = out.with_name(out.name + META_SUFFIX) if out else None
+    all_images = find_images(root, opts.exclude)
     names = bank.names
-    header_cols = (["image", *names, "error"] if opts.all_scores else ["image", "label", "probability", "error"])
-    if out is not None and out.exists() and out.stat().st_size > 0:
-        if opts.resume:
-            if meta_path.is_file():
-                try:
-                    old = json.loads(meta_path.read_text(encoding="utf-8"))
-                except (OSError, ValueError):
-                    old = {}
-                now = {"format": opts.fmt, "all_scores": opts.all_scores, "bank_key": getattr(bank, "key", None),
-                       "top_k": opts.top_k, "threshold": threshold}
-                for k, v in now.items():
-                    if k in old and (old[k] is not None or k in ("top_k", "threshold")) and old[k] != v:
-                        raise InferError(f"{out}: was written with {k}={old[k]!r}, this run has {v!r}; "
-                                         "not resuming into it")
-            done = done_images(out, opts.fmt, header_cols)
-            append = True
-        elif not opts.overwrite:
-            raise InferError(f"{out} exists: pass --resume to continue it or --overwrite to replace it")
-    elif opts.resume and out is None:
-        raise InferError("--resume needs --out FILE")
+    header = (["image", *names, "error"] if opts.all_scores else ["image", "label", "probability", "error"])
+    info = dict(meta or {})
+    settings = {"format": opts.fmt, "all_scores": opts.all_scores, "bank_key": getattr(bank, "key", None),
+                "top_k": opts.top_k, "threshold": threshold_record(threshold),
+                "bundle_sha256": info.get("bundle_sha256"), "xmp": opts.xmp}
+    # the files' state as listed, before any is read: a file changed during the run is tagged again next time
+    states = file_states(root, all_images, opts.checksum) if out is not None else None
+    plan = _plan(root, out, meta_path, all_images, header, settings, states, opts)
     if not all_images:
         import warnings
 
         warnings.warn(f"no images under {display_name(str(root))} (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})",
                       stacklevel=2)
-    todo = [p for p in all_images if display_name(p) not in done]
-    summary.skipped = len(all_images) - len(todo)
-
+    summary = RunSummary(total=len(all_images), skipped=len(all_images) - len(plan.todo), removed=plan.removed)
     batch_size = min(opts.batch_size, engine.max_batch) if getattr(engine, "max_batch", None) else opts.batch_size
     workers = opts.workers or min(4, os.cpu_count() or 1)
     build = RecordBuilder(engine, bank, scoring, top_k=opts.top_k, threshold=opts.threshold,
-                          all_scores=opts.all_scores)
+                          all_scores=opts.all_scores,
+                          embedding_output=info.get("embedding_output") if opts.embeddings is not None else None)
+    info.update(settings, batch_size=batch_size, workers=workers, images=str(root), output=str(out) if out else "-",
+                exclude=list(opts.exclude), images_found=len(all_images), skipped_already_done=summary.skipped,
+                mode="update" if plan.kept is not None else ("resume" if plan.append else "full"),
+                status="running", started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    if plan.kept is None:  # an update leaves OUT and its metadata as they were until it is complete
+        _write_meta(meta_path, info)
 
-    info = dict(meta or {})
-    info.update(format=opts.fmt, all_scores=opts.all_scores, bank_key=getattr(bank, "key", None), top_k=opts.top_k,
-                threshold=threshold, batch_size=batch_size, workers=workers, images=str(root), output=str(out) if out else "-",
-                images_found=len(all_images), skipped_already_done=summary.skipped, status="running",
-                started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    _write_meta(meta_path, info)
-
-    writer = _Writer(out, opts.fmt, names, opts.all_scores, append)
+    writer_args = (opts.fmt, names, opts.all_scores)
+    writer = _Writer(out, *writer_args, append=plan.append) if plan.kept is None else None
+    new: dict[str, dict] = {}
+    vectors = dict(plan.old_vectors)
+    xmp = _XmpSink(root, opts, info) if opts.xmp is not None else None
     start = time.perf_counter()
     status = "interrupted"
     try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qks-decode") as pool, \
-                tqdm(total=len(todo), unit="img", disable=not opts.progress, file=sys.stderr,
-                     dynamic_ncols=True) as bar:
-            pending: deque = deque()
-            it = iter(todo)
-            window = 2 * batch_size + workers
-
-            def fill():
-                while len(pending) < window:
-                    rel = next(it, None)
-                    if rel is None:
-                        return
-                    pending.append(pool.submit(decode_image, root, rel, preprocess))
-
-            fill()
-            while pending:
-                items = []
-                while pending and len(items) < batch_size:
-                    items.append(pending.popleft().result())
-                    fill()
-                records = build(items)
-                summary.errors += sum("error" in r for r in records)
+        for items in _batches(root, plan.todo, preprocess, batch_size, workers, opts.progress):
+            records, vecs = build.tag(items)
+            if xmp is not None:
+                xmp(records)
+            vectors.update((display_name(items[i][0]), v) for i, v in vecs.items())
+            summary.errors += sum("error" in r for r in records)
+            summary.written += len(records)
+            if writer is not None:
                 writer.write(records)
-                summary.written += len(records)
-                bar.update(len(items))
+            else:
+                new.update((r["image"], r) for r in records)
+        if plan.kept is not None:
+            if opts.embeddings is not None:
+                _save_vectors(opts, all_images, vectors, info.get("embeddings_meta", {}))
+            _write_update(out, opts.fmt, header, all_images, plan.kept, new, writer_args)
         status = "complete"
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
+            if opts.embeddings is not None and (vectors or status == "complete"):
+                _save_vectors(opts, all_images, vectors, info.get("embeddings_meta", {}))
         summary.seconds = time.perf_counter() - start
         summary.images_per_s = summary.written / summary.seconds if summary.seconds > 0 else 0.0
-        info.update(status=status, written=summary.written, errors=summary.errors,
-                    seconds=round(summary.seconds, 3), images_per_s=round(summary.images_per_s, 2),
-                    finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        if plan.kept is None or status == "complete":
+            info.update(status=status, written=summary.written, errors=summary.errors, removed=summary.removed,
+                        seconds=round(summary.seconds, 3), images_per_s=round(summary.images_per_s, 2),
+                        finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+            _write_meta(meta_path, {k: v for k, v in info.items() if k != "embeddings_meta"})
         summary.meta = info
-        _write_meta(meta_path, info)
+    if states is not None:  # last: a state older than OUT only makes the next update tag a few images again
+        write_states(out, {display_name(p): st for p, st in states.items()})
     return summary
 
 
-__all__ = ["IMAGE_EXTENSIONS", "display_name", "InferError", "InferOptions", "RecordBuilder", "RunSummary", "decode_image",
+def _batches(root: Path, todo: list[str], preprocess: Preprocess, batch_size: int, workers: int, progress: bool):
+    """Batches of `decode_image` results in `todo` order, decoded by worker threads ahead of the engine
+    (a bounded window of pending images keeps memory flat)."""
+    from tqdm import tqdm
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qks-decode") as pool, \
+            tqdm(total=len(todo), unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
+        pending: deque = deque()
+        it = iter(todo)
+        window = 2 * batch_size + workers
+
+        def fill():
+            while len(pending) < window:
+                rel = next(it, None)
+                if rel is None:
+                    return
+                pending.append(pool.submit(decode_image, root, rel, preprocess))
+
+        fill()
+        while pending:
+            items = []
+            while pending and len(items) < batch_size:
+                items.append(pending.popleft().result())
+                fill()
+            yield items
+            bar.update(len(items))
+
+
+__all__ = ["IMAGE_EXTENSIONS", "display_name", "run_threshold", "threshold_record", "InferError", "InferOptions", "RecordBuilder", "RunSummary", "decode_image",
            "done_images", "effective_threshold", "find_images", "jsonl_line", "public_record", "run_folder"]

@@ -114,7 +114,7 @@ def test_resume_repairs_a_partial_line_and_writes_no_duplicates(runtime_bundle, 
     assert out.read_text(encoding="utf-8").splitlines(keepends=True) == full
     summary = _run(runtime_bundle, photo_dir, out, batch_size=2, all_scores=True, resume=True)
     assert summary.written == 0 and summary.skipped == 6
-    with pytest.raises(InferError, match="pass --resume to continue it or --overwrite"):
+    with pytest.raises(InferError, match="pass --resume to continue it, --update to tag what changed, or --overwrite"):
         _run(runtime_bundle, photo_dir, out, all_scores=True)
     with pytest.raises(InferError, match="was written with all_scores=True"):
         _run(runtime_bundle, photo_dir, out, resume=True)
