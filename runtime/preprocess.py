@@ -9,12 +9,19 @@ measures it on real photos).
 
 Colour: `qks.images.to_rgb` (torch-free, shared with the training loader): EXIF orientation
 first, then RGB by the rules documented there.
+
+HEIC/HEIF decode through pillow-heif, whose opener is registered with Pillow at the first `load`
+(once per process); AVIF through Pillow itself (11.3 and later, built with libavif). libheif
+applies a HEIF's rotation and mirroring at decode and pillow-heif then drops the EXIF orientation,
+so `exif_transpose` never turns such an image twice. Without the plugin, such a file is an error
+naming its format and the fix (`pip install 'qks[library]'`), found from its `ftyp` brands.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,6 +82,7 @@ class Preprocess:
 
         Images of more than `PIL.Image.MAX_IMAGE_PIXELS` pixels are refused from their header,
         before any pixel is decoded (Pillow itself only warns up to twice that limit)."""
+        register_plugins()
         try:
             with Image.open(path) as img:
                 check_pixels(img)
@@ -95,6 +103,9 @@ class Preprocess:
         except Image.UnidentifiedImageError:
             if _size(path) == 0:
                 raise PreprocessError("empty file (0 bytes)") from None
+            heif = _heif_reason(path)
+            if heif:
+                raise PreprocessError(heif) from None
             raise PreprocessError("not a readable image (unidentified format)") from None
         except OSError as e:
             if e.errno == errno.ELOOP:
@@ -104,6 +115,66 @@ class Preprocess:
             raise PreprocessError(f"cannot decode image: {_first_line(e)}") from None
         except (ValueError, SyntaxError, EOFError) as e:  # truncated/corrupt data
             raise PreprocessError(f"cannot decode image: {_first_line(e)}") from None
+
+
+# -- HEIC/HEIF and AVIF ------------------------------------------------------------------------------
+
+HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1",
+                         b"mif2", b"msf1"})
+AVIF_BRANDS = frozenset({b"avif", b"avis"})
+_plugins = {"done": False, "heif": False}
+_plugins_lock = threading.Lock()
+
+
+def register_plugins() -> None:
+    """Register pillow-heif's HEIF opener with Pillow, once per process (a no-op without pillow-heif)."""
+    if _plugins["done"]:
+        return
+    with _plugins_lock:
+        if not _plugins["done"]:
+            try:
+                from pillow_heif import register_heif_opener
+            except ImportError:
+                pass
+            else:
+                register_heif_opener()
+                _plugins["heif"] = True
+            _plugins["done"] = True
+
+
+def isobmff_format(head: bytes) -> str | None:
+    """"AVIF", "HEIC" or None, from the `ftyp` box at the start of a file (major + compatible brands)."""
+    if len(head) < 16 or head[4:8] != b"ftyp":
+        return None
+    end = min(len(head), int.from_bytes(head[:4], "big"))
+    brands = {head[8:12]} | {head[i:i + 4] for i in range(16, end - 3, 4)}
+    if brands & AVIF_BRANDS:
+        return "AVIF"
+    return "HEIC" if brands & HEIF_BRANDS else None
+
+
+def _heif_reason(source) -> str | None:
+    """Why Pillow could not identify a HEIC/AVIF file (a missing plugin, or damage), None for others."""
+    fmt = isobmff_format(_head(source))
+    if fmt == "HEIC" and not _plugins["heif"]:
+        return "HEIC image: HEIC/HEIF decoding needs pillow-heif (pip install 'qks[library]')"
+    if fmt == "AVIF":
+        from PIL import features
+
+        if not features.check("avif"):
+            return "AVIF image: AVIF decoding needs Pillow >= 11.3 built with AVIF (pip install 'qks[library]')"
+    return f"cannot decode image: a damaged or unsupported {fmt} file" if fmt else None
+
+
+def _head(source, n: int = 64) -> bytes:
+    try:
+        if hasattr(source, "read"):
+            source.seek(0)
+            return source.read(n)
+        with open(source, "rb") as f:
+            return f.read(n)
+    except (OSError, ValueError, TypeError):
+        return b""
 
 
 def _first_line(e: BaseException) -> str:

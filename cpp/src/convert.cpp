@@ -1,4 +1,5 @@
 // Image files -> RGB as qks.images / qks.runtime.preprocess do it, on the decoders of jpeg.cpp and png.cpp.
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
@@ -18,6 +19,25 @@ constexpr std::uint64_t kMaxImagePixels = 89478485;  // PIL.Image.MAX_IMAGE_PIXE
 
 [[noreturn]] void image_error(const std::string& text) { throw Error(Status::image, text); }
 
+// An ISO-BMFF file's `ftyp` box names its brands (major, then compatible ones, 4 bytes each): AVIF
+// (avif, avis) or HEIC/HEIF (heic, mif1, ...), which qks-infer reads through Pillow and pillow-heif;
+// other brands (MP4, QuickTime) are not images. Mirrors qks.runtime.preprocess.isobmff_format.
+const char* heif_format(const std::string& d) {
+    if (d.size() < 16 || d.compare(4, 4, "ftyp") != 0) return nullptr;
+    const std::size_t box = (std::size_t(std::uint8_t(d[0])) << 24) | (std::size_t(std::uint8_t(d[1])) << 16) |
+                            (std::size_t(std::uint8_t(d[2])) << 8) | std::size_t(std::uint8_t(d[3]));
+    const std::size_t end = std::min(std::min(box, d.size()), std::size_t(64));
+    static const char* avif[] = {"avif", "avis"};
+    static const char* heic[] = {"heic", "heix", "heim", "heis", "hevc", "hevx", "hevm", "hevs", "mif1", "mif2", "msf1"};
+    bool is_heic = false;
+    for (std::size_t at = 8; at + 4 <= end; at += (at == 8 ? 8 : 4)) {  // skip the minor version after the major brand
+        for (const char* b : avif)
+            if (d.compare(at, 4, b) == 0) return "AVIF";
+        for (const char* b : heic) is_heic = is_heic || d.compare(at, 4, b) == 0;
+    }
+    return is_heic ? "HEIC" : nullptr;
+}
+
 // Formats Pillow reads that these decoders do not: named in the error instead of "unidentified".
 const char* other_format(const std::string& d) {
     auto starts = [&](const char* p, std::size_t n) { return d.size() >= n && d.compare(0, n, p, n) == 0; };
@@ -26,7 +46,7 @@ const char* other_format(const std::string& d) {
     if (starts("II*\0", 4) || starts("MM\0*", 4) || starts("II+\0", 4) || starts("MM\0+", 4)) return "TIFF";
     if (d.size() >= 2 && d[0] == 'P' && d[1] >= '1' && d[1] <= '7') return "PPM/PGM/PBM";
     if (starts("\0\0\1\0", 4) || starts("\0\0\2\0", 4)) return "ICO/CUR";
-    if (d.size() >= 12 && d.compare(4, 4, "ftyp") == 0) return "AVIF/HEIF";
+    if (const char* heif = heif_format(d)) return heif;
     if (starts("\0\0\0\x0cjP  ", 8) || starts("\xff\x4f\xff\x51", 4)) return "JPEG 2000";
     return nullptr;
 }
@@ -133,7 +153,9 @@ RgbImage decode_rgb(const std::string& data, const SizeCheck& check) {
         } else if (looks_like_gif(data)) {
             img = decode_gif(data, check);
         } else if (const char* fmt = other_format(data)) {
-            image_error(std::string("cannot decode image: a ") + fmt + " file (qks-tag reads JPEG, PNG and GIF; qks-infer reads it)");
+            const bool vowel = fmt[0] == 'A' || fmt[0] == 'I';  // "an AVIF file", "an ICO/CUR file"
+            image_error(std::string("cannot decode image: ") + (vowel ? "an " : "a ") + fmt +
+                        " file (qks-tag reads JPEG, PNG and GIF; qks-infer reads it)");
         } else {
             throw Unidentified{};
         }

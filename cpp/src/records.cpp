@@ -22,7 +22,7 @@ namespace {
 
 bool image_extension(const std::string& name) {
     static const char* exts[] = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif",
-                                 ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico"};
+                                 ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico", ".heic", ".heif", ".avif"};
     std::size_t dot = name.rfind('.');
     if (dot == std::string::npos || dot == 0 || dot == name.size() - 1) return false;  // pathlib's suffix
     std::string suffix = name.substr(dot);
