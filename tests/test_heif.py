@@ -13,9 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, features
-from runtime_fixtures import PHOTOS, photo, read_jsonl
-
 from qks.runtime.preprocess import Preprocess, PreprocessError, isobmff_format
+from runtime_fixtures import PHOTOS, photo, read_jsonl
 
 pillow_heif = pytest.importorskip("pillow_heif", reason="pillow-heif is not installed (pip install 'qks[library]')")
 if not features.check("avif"):
