@@ -125,9 +125,6 @@ def _infer(images, labels, bundle_dir, bank, backend, precision, batch_size, wor
     prog = "qks-infer"
     _one_line_warnings(prog)
     fmt = output_format(fmt, out)
-    if out is not None and out.is_file() and out.stat().st_size > 0 and not (resume or overwrite or update):
-        _fail(prog, f"{out} exists: pass --resume to continue it, --update to tag what changed, "
-                    "or --overwrite to replace it")
     for flag, given in (("--resume", resume), ("--update", update)):
         if given and out is None:
             _fail(prog, f"{flag} needs --out FILE")
@@ -135,6 +132,9 @@ def _infer(images, labels, bundle_dir, bank, backend, precision, batch_size, wor
         _fail(prog, "--checksum goes with --update")
     if xmp and all_scores:
         _fail(prog, "--xmp writes the selected labels as keywords; it cannot be combined with --all-scores")
+    if out is not None and out.is_file() and out.stat().st_size > 0 and not (resume or overwrite or update):
+        _fail(prog, f"{out} exists: pass --resume to continue it, --update to tag what changed, "
+                    "or --overwrite to replace it")
     try:
         bundle = Bundle.load(bundle_dir, verify=not no_verify)
         embedding_output = bundle.require_embedding() if embeddings is not None else None
