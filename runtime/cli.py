@@ -78,8 +78,9 @@ PRECISION = click.option("--precision", type=click.Choice(PRECISIONS), default="
 BATCH_SIZE = click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
 THREADS = click.option("--threads", type=click.IntRange(1), help="ONNX Runtime intra-op threads (default: all cores).")
 TOP_K = click.option("--top-k", type=click.IntRange(1), help="Keep the k most probable labels per image.")
-THRESHOLD = click.option("--threshold", type=click.FloatRange(0, 1), help="Keep labels with probability >= this "
-                         "(default 0.5 unless --top-k is given).")
+THRESHOLD = click.option("--threshold", type=click.FloatRange(0, 1), help="Keep labels with probability >= this, "
+                         "one value for every label. Default: the bank's per-label thresholds (qks-calibrate) if it "
+                         "has them, else 0.5 unless --top-k is given.")
 ALL_SCORES = click.option("--all-scores", is_flag=True, help='Write every label\'s probability: {"image", "scores"}.')
 FORMAT = click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), help="Output format (default: csv if "
                       "--out ends in .csv, else jsonl).")

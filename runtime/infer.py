@@ -42,7 +42,7 @@ import numpy as np
 
 from .preprocess import Preprocess, PreprocessError
 from .scoring import logits as score_logits
-from .scoring import select, sigmoid
+from .scoring import select, sigmoid, thresholds_for
 from .update import (
     UpdateError,
     excluded,
@@ -139,20 +139,6 @@ def _fmt(p: float) -> float:
     return float(f"{p:.7g}")
 
 
-def effective_threshold(top_k: int | None, threshold: float | None) -> float | None:
-    """The threshold a run applies: the given one, else 0.5 unless --top-k is given."""
-    return threshold if (threshold is not None or top_k is not None) else 0.5
-
-
-def run_threshold(top_k: int | None, threshold: float | None, bank) -> float | np.ndarray | None:
-    """What a run selects with: an explicit --threshold, else the bank's calibrated per-label thresholds
-    (qks-calibrate; with --top-k, at most k labels, each above its own), else `effective_threshold`."""
-    per_label = getattr(bank, "thresholds", None)
-    if threshold is None and per_label is not None:
-        return per_label
-    return effective_threshold(top_k, threshold)
-
-
 def threshold_record(threshold) -> float | str | None:
     """The threshold as the run's metadata states it (per-label thresholds by their sha256)."""
     if isinstance(threshold, np.ndarray):
@@ -190,7 +176,7 @@ class RecordBuilder:
         self.embeddings = np.ascontiguousarray(bank.embeddings, dtype=np.float32)
         self.mode, self.k = scoring
         self.top_k, self.all_scores = top_k, all_scores
-        self.threshold = run_threshold(top_k, threshold, bank)
+        self.threshold = thresholds_for(bank, top_k, threshold)
         self.in_name = engine.inputs[0].name
         self.out_name = engine.outputs[0].name
         self.embedding_output = embedding_output  # also return this output (the image embedding) per image
@@ -521,7 +507,7 @@ def run_folder(images: str | Path, engine, bank, preprocess: Preprocess, out: st
     opts = options or InferOptions()
     out = Path(out) if out is not None and str(out) != "-" else None
     _check_options(opts, out)
-    threshold = run_threshold(opts.top_k, opts.threshold, bank)
+    threshold = thresholds_for(bank, opts.top_k, opts.threshold)
     root = Path(images)
     meta_path = out.with_name(out.name + META_SUFFIX) if out else None
     all_images = find_images(root, opts.exclude)
@@ -622,5 +608,5 @@ def _batches(root: Path, todo: list[str], preprocess: Preprocess, batch_size: in
             bar.update(len(items))
 
 
-__all__ = ["IMAGE_EXTENSIONS", "display_name", "run_threshold", "threshold_record", "InferError", "InferOptions", "RecordBuilder", "RunSummary", "decode_image",
-           "done_images", "effective_threshold", "find_images", "jsonl_line", "public_record", "run_folder"]
+__all__ = ["IMAGE_EXTENSIONS", "display_name", "threshold_record", "InferError", "InferOptions", "RecordBuilder", "RunSummary", "decode_image",
+           "done_images", "find_images", "jsonl_line", "public_record", "run_folder"]
