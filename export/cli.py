@@ -92,9 +92,11 @@ def main(ckpt, zero_shot, backbone, prompts, out, labels_files, fp16, int8, tens
             parts = []
             for kind in ("random", "calibration", "prompts", "default_bank"):
                 if kind in v:
-                    (out_name, met), = v[kind].items()
+                    met = next(iter(v[kind].values()))  # the graph's first output (the embedding comes after)
+                    emb = v[kind].get("embedding")
                     parts.append(f"{kind}: max|err| {met['max_abs_err']:.2e}, cos {met['cosine_min']:.6f}"
-                                 + (f", top5 {met['top5_agreement']:.0%}" if "top5_agreement" in met else ""))
+                                 + (f", top5 {met['top5_agreement']:.0%}" if "top5_agreement" in met else "")
+                                 + (f", embedding cos {emb['cosine_min']:.6f}" if emb else ""))
             click.echo(f"  {g['file']:<26} {g['bytes'] / 2**20:8.1f} MiB  " + "; ".join(parts))
         for e in m["engines"]:
             click.echo(f"  {e['file']}  ({e['trt_module']} {e['trt_version']}, SM{e['sm']}, {e['precision']})")

@@ -2,7 +2,8 @@
 
 - image encoder: `pixels` float32 [batch, 3, H, W] -> `query_features` float32 [batch, Nq, D]
   (`QKSModel.query_features`: the backbone's image tokens, then the head; Nq = queries x zero-shot
-  features with the zero-shot term);
+  features with the zero-shot term), and `embedding` float32 [batch, E] (`image_embedding`: the
+  backbone's own pooled image embedding, L2-normalised: what similarity search and duplicates use);
 - label encoder: `token_ids` int64 [batch, T] -> `text_features` float32 [batch, D]
   (the backbone's unnormalised `encode_text`).
 
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import ExportError, one_line, write_checked_onnx
@@ -31,16 +33,29 @@ TRACE_BATCH = 2
 ONNX_PROTO_LIMIT = 2 * 1024**3  # protobuf's hard limit on one serialised message
 
 
+EMBEDDING_OUTPUT = "embedding"
+
+
+def image_embedding(backbone, tokens: torch.Tensor) -> torch.Tensor:
+    """[B, N, C] tokens -> [B, E]: the backbone's zero-shot features (the tower's pooled, projected image
+    embedding; for `lite`, its text-space vector at each location) averaged over their M vectors
+    (M = 1 for open_clip towers), then L2-normalised, so a dot product is a cosine."""
+    z = backbone.zero_shot_features(tokens)
+    return F.normalize(z.mean(dim=1), dim=-1)
+
+
 class ImageEncoder(nn.Module):
-    """pixels -> query features: `QKSModel.query_features` (the backbone's tokens, the head, and with
-    the zero-shot term every pair of a head query and a weighted zero-shot feature)."""
+    """pixels -> (query features, embedding): `QKSModel.query_features` (the backbone's tokens, the
+    head, and with the zero-shot term every pair of a head query and a weighted zero-shot feature) and
+    `image_embedding` of the same tokens."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model.query_features(pixels)
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.model.image_tokens(pixels)
+        return self.model.query_features_from_tokens(tokens), image_embedding(self.model.backbone, tokens)
 
 
 class LabelEncoder(nn.Module):
@@ -79,11 +94,12 @@ class GraphSpec:
                 "dynamic_axes": self.dynamic_axes}
 
 
-def image_encoder_spec(size: int, queries: int, embed_dim: int) -> GraphSpec:
+def image_encoder_spec(size: int, queries: int, embed_dim: int, embedding_dim: int) -> GraphSpec:
     return GraphSpec(
         inputs=[TensorSpec("pixels", "float32", ["batch", 3, size, size])],
-        outputs=[TensorSpec("query_features", "float32", ["batch", queries, embed_dim])],
-        dynamic_axes={"pixels": {"0": "batch"}, "query_features": {"0": "batch"}},
+        outputs=[TensorSpec("query_features", "float32", ["batch", queries, embed_dim]),
+                 TensorSpec(EMBEDDING_OUTPUT, "float32", ["batch", embedding_dim])],
+        dynamic_axes={"pixels": {"0": "batch"}, "query_features": {"0": "batch"}, EMBEDDING_OUTPUT: {"0": "batch"}},
     )
 
 

@@ -180,6 +180,31 @@ def _softmax_matmuls(model) -> list[str]:
     return out
 
 
+def _embedding_only_matmuls(model) -> list[str]:
+    """Products that feed the image embedding output and not the query features (the tower's pooling
+    projection of one token per image): a negligible share of the work, so INT8 would add error to the
+    embedding and save nothing."""
+    from .verify import EMBEDDING_OUTPUT
+
+    outputs = [o.name for o in model.graph.output]
+    if EMBEDDING_OUTPUT not in outputs:
+        return []
+    producer = {o: n for n in model.graph.node for o in n.output}
+
+    def upstream(tensor: str) -> set[str]:
+        seen, todo = set(), [tensor]
+        while todo:
+            node = producer.get(todo.pop())
+            if node is not None and node.name not in seen:
+                seen.add(node.name)
+                todo.extend(node.input)
+        return seen
+
+    shared = set().union(*(upstream(o) for o in outputs if o != EMBEDDING_OUTPUT))
+    only = upstream(EMBEDDING_OUTPUT) - shared
+    return [n.name for n in model.graph.node if n.name in only and n.op_type in QUANTIZABLE]
+
+
 def _activation_matmuls(model) -> list[str]:
     """MatMul nodes with no initializer operand (attention's Q.K^T and attention.V)."""
     inits = {t.name for t in model.graph.initializer}
@@ -242,8 +267,8 @@ def quantize_image_encoder(fp32_onnx: str | Path, out: str | Path, calibration: 
     (default) quantizes every weight MatMul that reads image tokens (the backbone, and the head's
     key/value projections of the tokens) and keeps the head's query path (a few Nq-token products,
     ~1 % of the FLOPs, the most sensitive to rounding) in fp32; "trunk" keeps the whole head fp32;
-    "all" quantizes the head too. `fuse_gelu`: fuse GELU into ONNX Runtime's `BiasGelu` first
-    (the INT8 graph is for ONNX Runtime only). `fuse`: first rewrite attention, residual +
+    "all" quantizes the head (and the embedding's own projection) too. `fuse_gelu`: fuse GELU into
+    ONNX Runtime's `BiasGelu` first (the INT8 graph is for ONNX Runtime only). `fuse`: first rewrite attention, residual +
     LayerNorm and GELU into ONNX Runtime's fused operators (`qks.export.fuse`, checked against the
     fp32 graph), so the packed QKV products quantize as `QAttention`. Raises ExportError."""
     try:
@@ -275,6 +300,7 @@ def quantize_image_encoder(fp32_onnx: str | Path, out: str | Path, calibration: 
         _gemm_to_matmul(model)
         exclude = set() if quantize_attention else set(_activation_matmuls(model))
         exclude |= set(_softmax_matmuls(model)) if scope != "all" else set()
+        exclude |= set(_embedding_only_matmuls(model)) if scope != "all" else set()
         if scope == "trunk":  # the whole head stays fp32
             exclude |= set(_head_matmuls(model))
         elif scope == "tokens":  # the head's query path (12 tokens: ~1 % of the FLOPs) stays fp32
@@ -333,9 +359,11 @@ def int8_summary(path: str | Path) -> dict:
 
 def verify_int8(int8_onnx: str | Path, images: dict[str, np.ndarray], reference: dict[str, np.ndarray],
                 bank: np.ndarray, bank_name: str = "default", *, cos_min: float = INT8_COSINE_MIN,
-                top5_min: float = INT8_TOP5_MIN, graph: str = GRAPH_NAME) -> dict:
+                top5_min: float = INT8_TOP5_MIN, graph: str = GRAPH_NAME,
+                reference_embedding: dict[str, np.ndarray] | None = None) -> dict:
     """Run the INT8 graph on each input set (name -> pixels) and compare it with the fp32 graph's
-    query features (`reference`, same keys). Returns the manifest's verification record; raises
+    query features (`reference`, same keys) and, where given, its image embeddings
+    (`reference_embedding`: the same cosine gate). Returns the manifest's verification record; raises
     ExportError when the cosine or the top-5 agreement is below the gate or an output is not finite."""
     sess = V.ort_session(int8_onnx)
     name = sess.get_inputs()[0].name
@@ -343,7 +371,8 @@ def verify_int8(int8_onnx: str | Path, images: dict[str, np.ndarray], reference:
                  "tolerance": {"cosine_min": cos_min, "top5_agreement_min": top5_min}}
     got_all, ref_all = [], []
     for kind, pixels in images.items():
-        qf = sess.run(None, {name: np.asarray(pixels, np.float32)})[0]
+        out = V.outputs_by_name(sess, {name: np.asarray(pixels, np.float32)})
+        qf = out["query_features"] if "query_features" in out else next(iter(out.values()))
         m = V.compare(qf, reference[kind], queries=True)
         agree = V.topk_agreement(V.scores(qf, bank), V.scores(reference[kind], bank))
         ver[kind] = {"query_features": {**m, "samples": len(pixels), f"top{V.TOPK}_agreement": agree,
@@ -351,6 +380,11 @@ def verify_int8(int8_onnx: str | Path, images: dict[str, np.ndarray], reference:
         if not m["finite"]:
             raise ExportError(f"verification failed: {graph} gives non-finite query features on {kind} inputs")
         V.check_fp16(graph, kind, m, None, cos_min=cos_min)
+        if reference_embedding is not None and kind in reference_embedding:
+            if V.EMBEDDING_OUTPUT not in out:
+                raise ExportError(f"verification failed: {graph} lost the {V.EMBEDDING_OUTPUT} output")
+            emb = V.check_embedding(graph, kind, out[V.EMBEDDING_OUTPUT], reference_embedding[kind], cos_min)
+            ver[kind][V.EMBEDDING_OUTPUT] = {**emb, "samples": len(pixels), "cosine_gate": cos_min}
         got_all.append(qf)
         ref_all.append(reference[kind])
     agree_all = V.topk_agreement(V.scores(np.concatenate(got_all), bank), V.scores(np.concatenate(ref_all), bank))
@@ -361,7 +395,8 @@ def verify_int8(int8_onnx: str | Path, images: dict[str, np.ndarray], reference:
 
 def make_int8_graph(bundle_dir: str | Path, images: dict[str, np.ndarray], reference: dict[str, np.ndarray],
                     bank: np.ndarray, bank_name: str = "default", *, source_file: str = "image_encoder.onnx",
-                    calibration: np.ndarray | None = None, **quantize_options) -> tuple[dict, dict]:
+                    calibration: np.ndarray | None = None, reference_embedding: dict[str, np.ndarray] | None = None,
+                    **quantize_options) -> tuple[dict, dict]:
     """Quantize `source_file` into `image_encoder.int8.onnx` in the bundle folder and verify it: the
     fastest candidate (`_candidates`) that passes the gate is written, the ones rejected before it are
     listed in the summary's "rejected"; ExportError when none passes.
@@ -373,7 +408,8 @@ def make_int8_graph(bundle_dir: str | Path, images: dict[str, np.ndarray], refer
     rejected = []
     for candidate in _candidates(options):  # fastest first; the first that passes the gate is written
         try:
-            ver = _quantize_and_verify(d, source_file, images, reference, bank, bank_name, calibration, candidate)
+            ver = _quantize_and_verify(d, source_file, images, (reference, reference_embedding), bank, bank_name,
+                                       calibration, candidate)
         except ExportError as e:
             rejected.append(f"{_describe(candidate)}: {e}")
             continue
@@ -405,10 +441,11 @@ def _describe(options: dict) -> str:
     return f"{kind} graph, scope {options['scope']}"
 
 
-def _quantize_and_verify(d: Path, source_file: str, images, reference, bank, bank_name, calibration, options) -> dict:
+def _quantize_and_verify(d: Path, source_file: str, images, references, bank, bank_name, calibration, options) -> dict:
+    reference, reference_embedding = references
     quantize_image_encoder(d / source_file, d / GRAPH_FILE, calibration, **options)
     try:
-        return verify_int8(d / GRAPH_FILE, images, reference, bank, bank_name)
+        return verify_int8(d / GRAPH_FILE, images, reference, bank, bank_name, reference_embedding=reference_embedding)
     except ExportError:
         (d / GRAPH_FILE).unlink(missing_ok=True)
         raise
@@ -452,14 +489,18 @@ def add_int8_graph(bundle_dir: str | Path, calibration_images: str | Path | None
     log("running the fp32 graph on the verification images")
     sess = V.ort_session(src.path)
     in_name = sess.get_inputs()[0].name
-    reference = {k: sess.run(None, {in_name: v})[0] for k, v in images.items()}
+    outputs = {k: V.outputs_by_name(sess, {in_name: v}) for k, v in images.items()}
     del sess
+    reference = {k: out["query_features"] for k, out in outputs.items()}
+    reference_embedding = ({k: out[V.EMBEDDING_OUTPUT] for k, out in outputs.items()}
+                           if bundle.embedding_output else None)  # an old bundle has none to carry
     bank_name = bundle.default_bank()
     bank = np.load(bundle.banks[bank_name].path)
     log(f"quantizing {src.file} to INT8 and verifying it")
     calibration = images.get("calibration") if quantize_options.get("method") == "static" else None
     ver, summary = make_int8_graph(d, images, reference, bank, bank_name, source_file=src.file,
-                                   calibration=calibration, **quantize_options)
+                                   calibration=calibration, reference_embedding=reference_embedding,
+                                   **quantize_options)
     m = bundle.manifest
     base = m["graphs"][SOURCE_GRAPH]
     rec = {k: base[k] for k in ("opset", "inputs", "outputs", "dynamic_axes") if k in base}

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ExportError, one_line
-from .graphs import ImageEncoder, LabelEncoder
+from .graphs import ImageEncoder, LabelEncoder, image_embedding
 
 DEFAULT_BANK = "default"
 # A zero-shot bundle's default prompt: SigLIP's probabilities are calibrated for one prompt (a pool averages
@@ -71,7 +71,7 @@ def checkpoint_source(ckpt: str | Path, labels: dict[str, list[str]]) -> ExportS
     image_module = ImageEncoder(model).eval()
     with torch.no_grad():  # Nq, or the token count of a projection-only head, from a real forward
         size = backbone.preprocess.size
-        queries = int(image_module(torch.zeros(1, 3, size, size)).shape[1])
+        queries = int(image_module(torch.zeros(1, 3, size, size))[0].shape[1])
     return ExportSource(
         backbone=backbone, image_module=image_module, label_module=LabelEncoder(backbone).eval(),
         text_encoder=backbone, templates=list(ckpt_dict["prompts"]),
@@ -90,15 +90,17 @@ def checkpoint_source(ckpt: str | Path, labels: dict[str, list[str]]) -> ExportS
 
 
 class ZeroShotImage(nn.Module):
-    """pixels -> [B, M, D + 1]: the backbone's own (normalised) image embedding, then a 1 for the bias."""
+    """pixels -> ([B, M, D + 1]: the backbone's own (normalised) image embedding, then a 1 for the bias;
+    [B, D]: the image embedding for search, as a checkpoint's graph gives it)."""
 
     def __init__(self, backbone):
         super().__init__()
         self.backbone = backbone
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        z = self.backbone.zero_shot_features(self.backbone.image_tokens(pixels))
-        return torch.cat([z, torch.ones_like(z[..., :1])], dim=-1)
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.backbone.image_tokens(pixels)
+        z = self.backbone.zero_shot_features(tokens)
+        return torch.cat([z, torch.ones_like(z[..., :1])], dim=-1), image_embedding(self.backbone, tokens)
 
 
 class ZeroShotText(nn.Module):
@@ -154,7 +156,7 @@ def zero_shot_source(spec: str, labels: dict[str, list[str]], prompts: list[str]
     image_module, text = ZeroShotImage(backbone).eval(), ZeroShotText(backbone, rule).eval()
     with torch.no_grad():
         size = backbone.preprocess.size
-        queries = int(image_module(torch.zeros(1, 3, size, size)).shape[1])
+        queries = int(image_module(torch.zeros(1, 3, size, size))[0].shape[1])
     if rule.trained_with != "sigmoid":
         how = ("was never trained on image-text pairs" if rule.trained_with == "none"
                else f"was trained with a {rule.trained_with} loss (probability 0.5 at cosine {-rule.bias / rule.scale:.2g})")

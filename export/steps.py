@@ -48,6 +48,8 @@ class ExportJob:
     bank_arrays: dict[str, np.ndarray] = field(default_factory=dict)
     torch_qf: dict[str, np.ndarray] = field(default_factory=dict)
     onnx_qf: dict[str, np.ndarray] = field(default_factory=dict)
+    torch_emb: dict[str, np.ndarray] = field(default_factory=dict)  # the image embedding, by kind
+    onnx_emb: dict[str, np.ndarray] = field(default_factory=dict)
     graphs: dict[str, dict] = field(default_factory=dict)
     engines: list[dict] = field(default_factory=list)
     manifest: dict = field(default_factory=dict)
@@ -90,7 +92,7 @@ def export_graphs(job: ExportJob) -> None:
     backbone = src.backbone
     size, T = int(backbone.preprocess.size), int(backbone.context_length)
     D = int(src.model_record["embed_dim"])
-    job.image_spec = image_encoder_spec(size, int(src.model_record["queries"]), D)
+    job.image_spec = image_encoder_spec(size, int(src.model_record["queries"]), D, int(backbone.embed_dim))
     job.label_spec = label_encoder_spec(T, D)
     gen = torch.Generator().manual_seed(job.options.seed + 1)
     with job.timed("export_image_encoder"):
@@ -182,7 +184,7 @@ def add_int8(job: ExportJob) -> None:
     with job.timed("int8"):
         job.log("quantizing image_encoder to INT8 and verifying it against the fp32 graph")
         ver8, summary8 = make_int8_graph(job.d, {kind: px.numpy() for kind, px in job.images.items()}, job.onnx_qf,
-                                         job.default_bank, job.source.default_bank)
+                                         job.default_bank, job.source.default_bank, reference_embedding=job.onnx_emb)
     rec = _graph_record(GRAPH_FILE, "int8", job.options.opset, job.image_spec, ver8)
     rec["source"] = "image_encoder"
     rec["int8"] = summary8
@@ -229,6 +231,7 @@ def write_manifest_file(job: ExportJob) -> None:
         "prompts": {"file": "prompts.txt", "count": len(job.source.templates)},
         "scoring": job.source.scoring_record,
         "graphs": job.graphs,
+        "embedding": _embedding_record(job),
         "label_banks": _bank_records(job, files),
         "default_bank": job.source.default_bank,
         "engines": job.engines,
@@ -252,11 +255,15 @@ def _verify_image_graph(job: ExportJob) -> dict:
     ver = {}
     for kind, pixels in job.images.items():
         with torch.no_grad():
-            job.torch_qf[kind] = job.source.image_module(pixels).numpy()
-        job.onnx_qf[kind] = sess.run(None, {"pixels": pixels.numpy()})[0]
+            qf, emb = job.source.image_module(pixels)
+        job.torch_qf[kind], job.torch_emb[kind] = qf.numpy(), emb.numpy()
+        out = V.outputs_by_name(sess, {"pixels": pixels.numpy()})
+        job.onnx_qf[kind], job.onnx_emb[kind] = out["query_features"], out[V.EMBEDDING_OUTPUT]
         m = V.compare(job.onnx_qf[kind], job.torch_qf[kind], queries=True)
         V.check_fp32("image_encoder", "query_features", kind, m)
-        ver[kind] = {"query_features": {**m, "samples": len(pixels)}}
+        e = V.compare(job.onnx_emb[kind], job.torch_emb[kind])
+        V.check_fp32("image_encoder", V.EMBEDDING_OUTPUT, kind, e)
+        ver[kind] = {"query_features": {**m, "samples": len(pixels)}, V.EMBEDDING_OUTPUT: {**e, "samples": len(pixels)}}
     return ver
 
 
@@ -272,7 +279,8 @@ def _verify_label_graph(job: ExportJob) -> dict:
         got = sess.run(None, {"token_ids": ids.numpy().astype(np.int64)})[0]
         m = V.compare(got, ref)
         V.check_fp32("label_encoder", "text_features", kind, m)
-        ver[kind] = {"text_features": {**m, "samples": len(batch)}}
+        ver[kind] = {"text_features": {**m, "samples": len(batch)},
+                     "text_embedding": _verify_text_embedding(job, ids, got, kind)}
     # the default bank recomputed the runtime's way: tokenizer.json ids -> ONNX -> mean over prompts
     names = src.banks[src.default_bank][:4]
     bank_onnx = _bank_through_onnx(job.tokenizer_json, sess, src.templates, names)
@@ -290,20 +298,54 @@ def _verify_fp16(job: ExportJob) -> dict:
            "tolerance": {"cosine_min": V.FP16_COSINE_MIN, "top5_agreement_min": V.FP16_TOP5_MIN}}
     all16, all32 = [], []
     for kind, pixels in job.images.items():
-        qf16, qf32 = sess.run(None, {"pixels": pixels.numpy()})[0], job.onnx_qf[kind]
+        out = V.outputs_by_name(sess, {"pixels": pixels.numpy()})
+        qf16, qf32 = out["query_features"], job.onnx_qf[kind]
         m = V.compare(qf16, qf32, queries=True)
         agree = V.topk_agreement(V.scores(qf16, bank), V.scores(qf32, bank))
         V.check_fp16("image_encoder_fp16", kind, m, agree)
         m_torch = V.compare(qf16, job.torch_qf[kind], queries=True)
+        emb = V.check_embedding("image_encoder_fp16", kind, out[V.EMBEDDING_OUTPUT], job.onnx_emb[kind],
+                                V.FP16_COSINE_MIN)
         ver[kind] = {"query_features": {**m, "samples": len(pixels), f"top{V.TOPK}_agreement": agree,
                                         "bank": job.source.default_bank,
-                                        "vs_pytorch": {k: m_torch[k] for k in ("max_abs_err", "cosine_min")}}}
+                                        "vs_pytorch": {k: m_torch[k] for k in ("max_abs_err", "cosine_min")}},
+                     V.EMBEDDING_OUTPUT: {**emb, "samples": len(pixels), "cosine_gate": V.FP16_COSINE_MIN}}
         all16.append(qf16)
         all32.append(qf32)
     agree_all = V.topk_agreement(V.scores(np.concatenate(all16), bank), V.scores(np.concatenate(all32), bank))
     V.check_fp16("image_encoder_fp16", "all verification", {"finite": True, "cosine_min": 1.0}, agree_all)
     ver[f"top{V.TOPK}_agreement"] = agree_all
     return ver
+
+
+def _verify_text_embedding(job: ExportJob, ids: torch.Tensor, text_features: np.ndarray, kind: str) -> dict:
+    """The text side of search: normalise(text_features[:, :E]) from the ONNX label graph must be the
+    backbone's own normalised text embedding (a zero-shot graph appends the bias and scales; a
+    checkpoint's gives encode_text itself)."""
+    import torch.nn.functional as F
+
+    E = int(job.source.backbone.embed_dim)
+    with torch.no_grad():
+        ref = F.normalize(job.source.backbone.encode_text(ids), dim=-1).numpy()
+    m = V.compare(text_embedding(text_features, E), ref)
+    V.check_fp32("label_encoder", "text embedding (normalised text_features[:, :E])", kind, m)
+    return {**m, "samples": len(ids)}
+
+
+def text_embedding(text_features: np.ndarray, dim: int) -> np.ndarray:
+    t = text_features[:, :dim].astype(np.float64)
+    return (t / np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def _embedding_record(job: ExportJob) -> dict:
+    """The manifest's "embedding": which output of the image graphs is the image embedding, and how a text
+    lands in the same space (see qks.runtime.manifest)."""
+    E = int(job.source.backbone.embed_dim)
+    return {"output": V.EMBEDDING_OUTPUT, "dim": E, "dtype": "float32", "normalized": True,
+            "graphs": [g for g, rec in job.graphs.items() if rec["file"].startswith("image_encoder")],
+            "source": "the backbone's zero-shot image features, mean over their vectors, L2-normalised",
+            "text": {"graph": "label_encoder", "output": "text_features", "dims": E, "normalize": True,
+                     "rule": "L2-normalise the first `dims` values of text_features"}}
 
 
 def _verify_tokenizer(tok_json: str, backbone, bank_texts: list[str], random_texts: list[str], T: int) -> dict:

@@ -21,6 +21,7 @@ from .errors import ExportError
 FP32_REL_TOL = 1e-4  # max abs error <= 1e-4 x the output's scale
 FP16_COSINE_MIN = 0.999  # query-feature cosine, every image
 FP16_TOP5_MIN = 0.99  # top-5 label agreement with the fp32 graph
+EMBEDDING_OUTPUT = "embedding"  # the image graphs' second output (qks.export.graphs)
 TOPK = 5
 
 
@@ -102,3 +103,26 @@ def check_fp16(graph: str, inputs: str, metrics: dict, agreement: float | None,
     if agreement is not None and agreement < top5_min:
         raise ExportError(f"verification failed: {graph} top-{TOPK} label agreement with fp32 is "
                           f"{agreement:.1%} on {inputs} inputs (minimum {top5_min:.0%})")
+
+
+def check_embedding(graph: str, inputs: str, actual: np.ndarray, reference: np.ndarray, cos_min: float) -> dict:
+    """The image embedding of a reduced-precision (or fused) graph against its reference: every image's
+    cosine >= `cos_min` (the gate its query features pass), finite, and unit length as exported."""
+    m = compare(actual, reference)
+    if not m["finite"]:
+        raise ExportError(f"verification failed: {graph} gives a non-finite {EMBEDDING_OUTPUT} on {inputs} inputs")
+    if m["cosine_min"] < cos_min:
+        raise ExportError(f"verification failed: {graph} {EMBEDDING_OUTPUT} cosine vs its reference is "
+                          f"{m['cosine_min']:.6f} on {inputs} inputs (minimum {cos_min})")
+    norms = np.linalg.norm(actual.astype(np.float64), axis=1)
+    m["norm_err_max"] = float(np.abs(norms - 1.0).max()) if len(norms) else 0.0
+    if m["norm_err_max"] > 1e-3:
+        raise ExportError(f"verification failed: {graph} {EMBEDDING_OUTPUT} is not L2-normalised on {inputs} "
+                          f"inputs (|norm - 1| up to {m['norm_err_max']:.3g})")
+    return m
+
+
+def outputs_by_name(sess, feeds: dict) -> dict[str, np.ndarray]:
+    """One ONNX Runtime run, every output by name."""
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, feeds), strict=True))

@@ -19,6 +19,7 @@ from .thresholds import read_thresholds
 
 IMAGE_GRAPHS = ("image_encoder", "image_encoder_fp16")
 LABEL_GRAPH = "label_encoder"
+EMBEDDING_OUTPUT = "embedding"  # the image graphs' optional second output (manifest "embedding")
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,49 @@ class Bundle:
             return s.get("mode", "max"), int(s.get("k", 1))
         except (AttributeError, TypeError, ValueError, OverflowError):
             raise BundleError(f"manifest scoring section is invalid ({s!r})") from None
+
+    @property
+    def embedding_output(self) -> str | None:
+        """The image graphs' embedding output name ("embedding"), or None for a bundle exported before
+        embeddings. Present only when the manifest's "embedding" record names it and every image graph
+        lists it among its outputs (a graph without it would make the runtime's choice of precision
+        decide whether embeddings work)."""
+        rec = self.manifest.get("embedding")
+        if not isinstance(rec, dict) or not isinstance(rec.get("output"), str):
+            return None
+        name = rec["output"]
+        for g in self.graphs.values():
+            if g.name.startswith("image_encoder") and name not in {o.get("name") for o in g.outputs if isinstance(o, dict)}:
+                return None
+        return name
+
+    def require_embedding(self) -> str:
+        """`embedding_output`, or a BundleError naming the bundle and the fix."""
+        name = self.embedding_output
+        if name is None:
+            raise BundleError(f"{self.root}: this bundle has no image embedding output (exported before "
+                              "embeddings); re-export it with qks-export")
+        return name
+
+    @property
+    def embedding_dim(self) -> int | None:
+        rec = self.manifest.get("embedding") if self.embedding_output else None
+        try:
+            return int(rec["dim"]) if rec else None
+        except (KeyError, TypeError, ValueError, OverflowError):
+            raise BundleError(f"manifest embedding record {rec!r} has no valid dim") from None
+
+    def text_embedding_rule(self) -> tuple[int, bool]:
+        """How the label graph's text_features give a text's embedding in the image embedding's space:
+        (the number of leading values to keep, whether to L2-normalise them)."""
+        self.require_embedding()
+        text = self.manifest["embedding"].get("text")
+        if not isinstance(text, dict) or text.get("output") != "text_features":
+            raise BundleError(f"{self.root}: the manifest's embedding record says no text rule; re-export it with qks-export")
+        try:
+            return int(text["dims"]), bool(text.get("normalize", True))
+        except (KeyError, TypeError, ValueError, OverflowError):
+            raise BundleError(f"manifest embedding text rule {text!r} is invalid") from None
 
     def file(self, rel: str) -> Path:
         return resolve(self.root, rel)

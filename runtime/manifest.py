@@ -42,6 +42,13 @@ Optional, read by the runtime (added after schema_version 1 was first written; a
   = [normalised image embedding, 1] and its label graph [scale * normalised text embedding, bias], so
   the max of dot products is the model's own logit; "scoring" then also has "zero_shot": {"trained_with"
   ("sigmoid" | "softmax" | "none"), "scale", "bias", "calibrated", "normalize", "formula"}.
+- "embedding": {"output": "embedding", "dim": E, "dtype": "float32", "normalized": true, "graphs": [image
+  graph names], "source": ..., "text": {"graph": "label_encoder", "output": "text_features", "dims": E,
+  "normalize": true, "rule": ...}} — every image graph (fp32, fp16, int8, and the TensorRT plans built
+  from them) has a second output "embedding" float32 [batch, E]: the backbone's own pooled image
+  embedding, L2-normalised (similar-image search, near-duplicates). A text's embedding in the same
+  space is the label graph's text_features, first E values, L2-normalised. Absent in bundles exported
+  before it: they still tag, and asking them for embeddings is a one-line error.
 - "preprocess" may also carry "channels": "RGB", "layout": "NCHW", "crop": "center",
   "value_range": [0, 1]; the runtime implements exactly these and refuses other values.
 - TensorRT plans: each `engines/<stem>.plan` has a JSON sidecar, named by the engines entry's
