@@ -147,7 +147,7 @@ def isobmff_format(head: bytes) -> str | None:
     if len(head) < 16 or head[4:8] != b"ftyp":
         return None
     end = min(len(head), int.from_bytes(head[:4], "big"))
-    brands = {head[8:12]} | {head[i:i + 4] for i in range(16, end - 3, 4)}
+    brands = {head[i:i + 4] for i in (8, *range(16, end - 3, 4)) if i + 4 <= end}  # 12..16: minor version
     if brands & AVIF_BRANDS:
         return "AVIF"
     return "HEIC" if brands & HEIF_BRANDS else None

@@ -39,6 +39,18 @@ def image_files() -> dict[str, bytes]:
         return out
 
 
+def ftyp_seeds() -> dict[str, bytes]:
+    # convert.cpp's heif_format: ISO-BMFF `ftyp` brands name HEIC or AVIF; others (MP4) are unidentified
+    def ftyp(major: bytes, *compatible: bytes, size: int | None = None) -> bytes:
+        body = major + b"\0\0\0\0" + b"".join(compatible)
+        return (size or 8 + len(body)).to_bytes(4, "big") + b"ftyp" + body + b"\0\0\0\x08mdat"
+
+    return {"ftyp_heic": ftyp(b"heic", b"mif1", b"heic"), "ftyp_avif": ftyp(b"avif", b"avif", b"mif1", b"miaf"),
+            "ftyp_mif1_avif": ftyp(b"mif1", b"miaf", b"avif"), "ftyp_mp4": ftyp(b"isom", b"iso2", b"mp41"),
+            "ftyp_box_too_long": ftyp(b"mif1", b"heic", size=0xFFFFFFF0), "ftyp_box_too_short": ftyp(b"avif", size=9),
+            "ftyp_head_only": b"\0\0\0\x18ftyphei"}
+
+
 def exif_seeds() -> dict[str, bytes]:
     out = {f"exif_{o}_{'be' if be else 'le'}": b"Exif\0\0" + exif_orientation(o, be) for o in range(1, 10) for be in (0, 1)}
     from PIL import Image
@@ -140,6 +152,7 @@ def main(out: Path) -> None:
         for target, magics in IMAGE_TARGETS.items():
             if data.startswith(magics):
                 corpora[target][name] = data
+    corpora["fuzz_image_any"].update(ftyp_seeds())
     corpora["fuzz_exif"] = exif_seeds()
     corpora["fuzz_npy"] = npy_seeds()
     corpora["fuzz_bundle"] = bundle_seeds()
