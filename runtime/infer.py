@@ -388,42 +388,45 @@ def _same_settings(out: Path, meta_path: Path, settings: dict, strict: bool) -> 
             raise InferError(f"{out}: was written without {k} (this run: {v!r}); not {what} it (use --overwrite)")
 
 
-def _old_vectors(opts: InferOptions, names: set[str]) -> dict[str, np.ndarray]:
-    """The embeddings already written for `names` (--resume, --update), {} when there is no file."""
-    if opts.embeddings is None or not opts.embeddings.with_suffix(".json").is_file():
-        return {}
-    from .embeddings import EmbeddingsError, load_embeddings
+def _old_vectors(opts: InferOptions, names: set[str], meta: dict) -> dict[str, np.ndarray]:
+    """The embeddings already written for `names` (--resume, --update); {} when there are none, or when
+    they come from another image graph (rows of two graphs are never mixed)."""
+    from .embeddings import EmbeddingsError, load_embeddings, pair_paths
 
+    if opts.embeddings is None or not all(p.is_file() for p in pair_paths(opts.embeddings)):
+        return {}
     try:
-        old_names, vectors, _meta = load_embeddings(opts.embeddings)
+        old_names, vectors, index = load_embeddings(opts.embeddings)
     except EmbeddingsError as e:
-        raise InferError(f"--embeddings: {e}") from None
+        raise InferError(str(e)) from None
+    if index.get("bundle_sha256") != meta.get("bundle_sha256"):
+        return {}
     return {n: v for n, v in zip(old_names, vectors, strict=True) if n in names}
 
 
-def _plan(root: Path, out: Path | None, meta_path: Path | None, all_images: list[str], header: list[str],
-          settings: dict, states: dict[str, dict] | None, opts: InferOptions) -> _Plan:
+def _plan(out: Path | None, meta_path: Path | None, all_images: list[str], header: list[str], settings: dict,
+          states: dict[str, dict] | None, emb_meta: dict, opts: InferOptions) -> _Plan:
     if out is None or not out.exists() or out.stat().st_size == 0:
         return _Plan(todo=all_images)
     if opts.resume:
         _same_settings(out, meta_path, settings, strict=False)
         done = done_images(out, opts.fmt, header)
-        old_vectors = _old_vectors(opts, done)
+        old_vectors = _old_vectors(opts, done, emb_meta)
         if opts.embeddings is not None and not done <= set(old_vectors):
-            raise InferError(f"--embeddings: {opts.embeddings} lacks images already in {out}; "
-                             "run again with --overwrite")
+            raise InferError(f"embeddings: {opts.embeddings} lacks images already in {out} (or comes from "
+                             "another image graph); run again with --overwrite")
         return _Plan(todo=[p for p in all_images if display_name(p) not in done], append=True,
                      old_vectors=old_vectors)
     if opts.update:
         _same_settings(out, meta_path, settings, strict=True)
-        return _update_plan(out, all_images, header, states, opts)
+        return _update_plan(out, all_images, header, states, emb_meta, opts)
     if not opts.overwrite:
         raise InferError(f"{out} exists: pass --resume to continue it, --update to tag what changed, "
                          "or --overwrite to replace it")
     return _Plan(todo=all_images)
 
 
-def _update_plan(out: Path, all_images: list[str], header: list[str], states: dict[str, dict],
+def _update_plan(out: Path, all_images: list[str], header: list[str], states: dict[str, dict], emb_meta: dict,
                  opts: InferOptions) -> _Plan:
     """--update: keep the records of unchanged images (and their embeddings); tag the rest."""
     try:
@@ -439,7 +442,7 @@ def _update_plan(out: Path, all_images: list[str], header: list[str], states: di
     shown = {p: display_name(p) for p in all_images}
     keep = {shown[p] for p in all_images if shown[p] in chunks and shown[p] not in errors
             and unchanged(old_states.get(shown[p]), states[p], opts.checksum)}
-    old_vectors = _old_vectors(opts, keep)
+    old_vectors = _old_vectors(opts, keep, emb_meta)
     if opts.embeddings is not None:
         keep &= set(old_vectors)  # an image without its embedding is tagged again
     return _Plan(todo=[p for p in all_images if shown[p] not in keep], kept={n: chunks[n] for n in keep},
@@ -478,7 +481,7 @@ def _save_vectors(opts: InferOptions, order: list[str], vectors: dict[str, np.nd
     try:
         save_embeddings(opts.embeddings, names, stacked, meta)
     except EmbeddingsError as e:
-        raise InferError(f"--embeddings: {e}") from None
+        raise InferError(str(e)) from None
 
 
 def _write_update(out: Path, fmt: str, header: list[str], all_images: list[str], kept: dict[str, str],
@@ -514,12 +517,15 @@ def run_folder(images: str | Path, engine, bank, preprocess: Preprocess, out: st
     names = bank.names
     header = (["image", *names, "error"] if opts.all_scores else ["image", "label", "probability", "error"])
     info = dict(meta or {})
+    if opts.embeddings is not None and not info.get("embedding_output"):
+        raise InferError("--embeddings needs the image graph's embedding output: meta['embedding_output'] "
+                         "(Bundle.require_embedding()) and meta['embeddings_meta'] (embeddings_meta(bundle))")
     settings = {"format": opts.fmt, "all_scores": opts.all_scores, "bank_key": getattr(bank, "key", None),
                 "top_k": opts.top_k, "threshold": threshold_record(threshold),
                 "bundle_sha256": info.get("bundle_sha256"), "xmp": opts.xmp}
     # the files' state as listed, before any is read: a file changed during the run is tagged again next time
     states = file_states(root, all_images, opts.checksum) if out is not None else None
-    plan = _plan(root, out, meta_path, all_images, header, settings, states, opts)
+    plan = _plan(out, meta_path, all_images, header, settings, states, info.get("embeddings_meta", {}), opts)
     if not all_images:
         import warnings
 
