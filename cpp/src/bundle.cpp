@@ -21,6 +21,37 @@ std::string shape_str(const std::vector<std::size_t>& s) {
     return o + "]";
 }
 
+// A bank's thresholds file (qks.runtime.thresholds.read_thresholds): its format, one number in [0, 1]
+// per label, fitted for this bank's key; each refusal one line, in the Python runtime's words.
+std::vector<float> read_thresholds(const std::string& path, const std::string& rel, const std::string& bank,
+                                   std::size_t labels, const std::string& key) {
+    const std::string what = "label bank " + py_repr(bank) + " thresholds (" + rel.substr(rel.rfind('/') + 1) + ")";
+    std::string text;
+    json doc;
+    try {
+        if (!read_file(path, text)) fail(what + ": not a readable JSON file (OSError)");
+        doc = json::parse(text);
+    } catch (const json::exception&) {
+        fail(what + ": not a readable JSON file (JSONDecodeError)");
+    }
+    if (!doc.is_object() || doc.value("format", json()) != "qks-thresholds" || doc.value("version", json()) != 1)
+        fail(what + ": not a qks-thresholds version 1 file");
+    const json values = doc.value("thresholds", json());
+    if (!values.is_array() || values.size() != labels)
+        fail(what + ": needs " + std::to_string(labels) + " thresholds (one per label), has " +
+             (values.is_array() ? std::to_string(values.size()) : "none"));
+    std::vector<float> out;
+    for (const auto& v : values) {
+        if (!v.is_number() || !(v.get<double>() >= 0 && v.get<double>() <= 1))
+            fail(what + ": every threshold must be a number in [0, 1]");
+        out.push_back(static_cast<float>(v.get<double>()));  // written from float32: exact
+    }
+    const json fitted = doc.value("bank_key", json());
+    if (!(fitted.is_string() ? fitted.get<std::string>() == key : fitted.is_null() && key.empty()))
+        fail(what + ": fitted for another version of the bank (its labels or label encoder changed): rerun qks-calibrate");
+    return out;
+}
+
 }  // namespace
 
 std::string json_repr(const json& v) {
@@ -259,6 +290,11 @@ BankInfo Bundle::check_bank(const std::string& name, const json& rec) {
     b.rows = arr.shape[0];
     b.cols = arr.shape[1];
     b.key = rec.contains("key") && rec["key"].is_string() ? rec["key"].get<std::string>() : "";
+    if (rec.contains("thresholds_file") && !rec["thresholds_file"].is_null()) {  // hashed like the bank
+        if (!rec["thresholds_file"].is_string()) check_relpath(rec["thresholds_file"]);
+        const std::string rel = rec["thresholds_file"].get<std::string>();
+        b.thresholds = read_thresholds(listed(rel, what + " thresholds"), rel, name, b.rows, b.key);
+    }
     return b;
 }
 
@@ -324,6 +360,7 @@ LabelBankData Bundle::load_bank(const std::string& name) const {
     d.cols = info->cols;
     d.names = read_names(info->names_path);
     d.key = info->key;
+    d.thresholds = info->thresholds;
     d.source = "bundle:" + name;
     return d;
 }

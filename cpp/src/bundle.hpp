@@ -27,6 +27,7 @@ struct GraphInfo {
 struct BankInfo {
     std::string name, path, names_path, key;
     std::size_t rows = 0, cols = 0;
+    std::vector<float> thresholds;  // per-label thresholds (qks-calibrate), [rows]; empty: none
 };
 
 struct LabelBankData {
@@ -34,6 +35,7 @@ struct LabelBankData {
     std::vector<float> embeddings;  // [rows x cols], C order
     std::size_t rows = 0, cols = 0;
     std::string key, source;
+    std::vector<float> thresholds;  // [rows] or empty, as BankInfo
 };
 
 class Bundle {

@@ -19,6 +19,7 @@ struct qks_tagger {
 struct qks_results {
     std::vector<qks::Result> items;
     std::vector<std::string> labels;
+    std::vector<float> thresholds;     // the bank's per-label thresholds (empty: none)
     std::vector<std::string> records;  // storage for qks_results_record
 };
 
@@ -53,6 +54,10 @@ qks_status guarded(F f) {
 extern "C" {
 
 const char* qks_version(void) { return qks::version(); }
+
+const float* qks_label_thresholds(const qks_tagger* t) {
+    return t && !t->tagger.thresholds().empty() ? t->tagger.thresholds().data() : nullptr;
+}
 const char* qks_last_error(void) { return last_error.c_str(); }
 
 void qks_options_init(qks_options* o) {
@@ -102,6 +107,7 @@ qks_status qks_tag_files(qks_tagger* t, const char* const* paths, size_t count, 
         auto r = std::make_unique<qks_results>();
         r->items = t->tagger.tag_files(p);
         r->labels = t->tagger.labels();
+        r->thresholds = t->tagger.thresholds();
         *out = r.release();
     });
 }
@@ -114,6 +120,7 @@ qks_status qks_tag_rgb(qks_tagger* t, const uint8_t* rgb, int width, int height,
         auto r = std::make_unique<qks_results>();
         r->items.push_back(t->tagger.tag_rgb(rgb, width, height, stride));
         r->labels = t->tagger.labels();
+        r->thresholds = t->tagger.thresholds();
         *out = r.release();
     });
 }
@@ -147,8 +154,7 @@ const float* qks_results_query_features(const qks_results* r, size_t i) {
 size_t qks_results_select(const qks_results* r, size_t i, int top_k, double threshold, size_t* idx, size_t capacity) {
     if (!r || i >= r->items.size() || !r->items[i].ok()) return 0;
     try {
-        const std::vector<size_t> chosen =
-            qks::detail::select(r->items[i].probabilities, top_k, qks::detail::effective_threshold(top_k, threshold));
+        const std::vector<size_t> chosen = qks::detail::select_for(r->items[i].probabilities, top_k, threshold, r->thresholds);
         for (size_t n = 0; idx && n < chosen.size() && n < capacity; ++n) idx[n] = chosen[n];
         return chosen.size();
     } catch (...) {
@@ -163,6 +169,7 @@ const char* qks_results_record(qks_results* r, size_t i, const char* image_name,
         qks::RecordOptions o;
         o.top_k = top_k;
         o.threshold = threshold;
+        o.thresholds = r->thresholds;
         o.all_scores = all_scores != 0;
         if (r->records.size() < r->items.size()) r->records.resize(r->items.size());
         r->records[i] = qks::jsonl_record(image_name ? image_name : "", r->items[i], r->labels, o);

@@ -143,8 +143,8 @@ std::string jsonl_record(const std::string& image, const Result& result, const s
             items.emplace_back(labels[i], result.probabilities[i]);
         return o + ", \"scores\": " + json_object(items) + "}";
     }
-    const double t = detail::effective_threshold(options.top_k, options.threshold);
-    for (std::size_t i : detail::select(result.probabilities, options.top_k, t)) items.emplace_back(labels[i], result.probabilities[i]);
+    for (std::size_t i : detail::select_for(result.probabilities, options.top_k, options.threshold, options.thresholds))
+        items.emplace_back(labels[i], result.probabilities[i]);
     return o + ", \"labels\": " + json_object(items) + "}";
 }
 

@@ -51,7 +51,9 @@ float sigmoid(float x) {
 
 double effective_threshold(int top_k, double threshold) { return threshold >= 0 ? threshold : (top_k > 0 ? -1.0 : 0.5); }
 
-std::vector<std::size_t> select(const std::vector<float>& probs, int top_k, double threshold) {
+namespace {
+
+std::vector<std::size_t> descending(const std::vector<float>& probs) {
     std::vector<std::size_t> order(probs.size());
     std::iota(order.begin(), order.end(), 0);
     // np.argsort(-probs, kind="stable"): descending, NaN last, ties in bank order
@@ -61,7 +63,18 @@ std::vector<std::size_t> select(const std::vector<float>& probs, int top_k, doub
         if (std::isnan(pb)) return true;
         return -pa < -pb;
     });
+    return order;
+}
+
+std::vector<std::size_t> first(std::vector<std::size_t> order, int top_k) {
     if (top_k > 0 && order.size() > static_cast<std::size_t>(top_k)) order.resize(static_cast<std::size_t>(top_k));
+    return order;
+}
+
+}  // namespace
+
+std::vector<std::size_t> select(const std::vector<float>& probs, int top_k, double threshold) {
+    std::vector<std::size_t> order = descending(probs);
     if (threshold >= 0) {  // numpy compares a float32 array with a Python float in float32
         const float t = static_cast<float>(threshold);
         std::vector<std::size_t> kept;
@@ -69,7 +82,20 @@ std::vector<std::size_t> select(const std::vector<float>& probs, int top_k, doub
             if (probs[i] >= t) kept.push_back(i);
         order.swap(kept);
     }
-    return order;
+    return first(std::move(order), top_k);
+}
+
+std::vector<std::size_t> select(const std::vector<float>& probs, int top_k, const std::vector<float>& thresholds) {
+    std::vector<std::size_t> kept;
+    for (std::size_t i : descending(probs))
+        if (i < thresholds.size() && probs[i] >= thresholds[i]) kept.push_back(i);
+    return first(std::move(kept), top_k);
+}
+
+std::vector<std::size_t> select_for(const std::vector<float>& probs, int top_k, double threshold,
+                                    const std::vector<float>& per_label) {
+    if (threshold < 0 && !per_label.empty()) return select(probs, top_k, per_label);
+    return select(probs, top_k, effective_threshold(top_k, threshold));
 }
 
 }  // namespace qks::detail

@@ -14,9 +14,16 @@ std::vector<float> logits(const float* qf, std::size_t nq, std::size_t d, const 
                           std::size_t labels, const std::string& mode, int k);
 // 1 / (1 + exp(-x)) in float32 without overflow, as qks.runtime.scoring.sigmoid.
 float sigmoid(float x);
-// Indices chosen by qks-infer, most probable first (stable for ties): the top k (k > 0), of those
-// p >= threshold (threshold >= 0).
+// Indices chosen by qks-infer, most probable first (stable for ties): those with p >= threshold
+// (threshold >= 0), of those the top k (k > 0).
 std::vector<std::size_t> select(const std::vector<float>& probs, int top_k, double threshold);
+// The same with per-label thresholds (bank order): up to k labels, each with p >= its own threshold.
+std::vector<std::size_t> select(const std::vector<float>& probs, int top_k, const std::vector<float>& thresholds);
+// A run's choice, the rule of qks.runtime.scoring.thresholds_for: an explicit threshold (>= 0) for
+// every label; else the bank's per-label thresholds when it has them (non-empty); else 0.5 unless
+// top_k is given.
+std::vector<std::size_t> select_for(const std::vector<float>& probs, int top_k, double threshold,
+                                    const std::vector<float>& per_label);
 // The threshold a run applies: the given one, else 0.5 unless top_k is given (-1: none).
 double effective_threshold(int top_k, double threshold);
 

@@ -84,6 +84,7 @@ Tagger::Tagger(Tagger&&) noexcept = default;
 Tagger& Tagger::operator=(Tagger&&) noexcept = default;
 
 const std::vector<std::string>& Tagger::labels() const { return impl_->bank.names; }
+const std::vector<float>& Tagger::thresholds() const { return impl_->bank.thresholds; }
 int Tagger::queries() const { return impl_->queries; }
 int Tagger::dim() const { return impl_->dim; }
 int Tagger::image_size() const { return impl_->bundle.preprocess.size; }
@@ -202,7 +203,7 @@ std::vector<Result> Tagger::tag_files(const std::vector<std::string>& paths, int
 std::vector<std::pair<std::string, float>> Tagger::select(const Result& result, int top_k, double threshold) const {
     std::vector<std::pair<std::string, float>> out;
     if (!result.ok()) return out;
-    for (std::size_t i : detail::select(result.probabilities, top_k, detail::effective_threshold(top_k, threshold)))
+    for (std::size_t i : detail::select_for(result.probabilities, top_k, threshold, impl_->bank.thresholds))
         out.emplace_back(impl_->bank.names[i], result.probabilities[i]);
     return out;
 }

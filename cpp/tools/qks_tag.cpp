@@ -58,8 +58,9 @@ const char* kHelp =
     "  --workers INTEGER RANGE         Decode threads (default: min(4, CPUs)).  [x>=1]\n"
     "  --threads INTEGER RANGE         ONNX Runtime intra-op threads (default: all cores).  [x>=1]\n"
     "  --top-k INTEGER RANGE           Keep the k most probable labels per image.  [x>=1]\n"
-    "  --threshold FLOAT RANGE         Keep labels with probability >= this (default 0.5 unless --top-k is\n"
-    "                                  given).  [0<=x<=1]\n"
+    "  --threshold FLOAT RANGE         Keep labels with probability >= this, for every label (default: the\n"
+    "                                  bank's per-label thresholds from qks-calibrate if it has them, else\n"
+    "                                  0.5 unless --top-k is given).  [0<=x<=1]\n"
     "  --all-scores                    Write every label's probability: {\"image\", \"scores\"}.\n"
     "  -o, --out FILE                  Output file (default: stdout).\n"
     "  --overwrite                     Replace an existing --out.\n"
@@ -179,6 +180,10 @@ int run(const Config& c) {
     std::fprintf(stderr, "%s: backend ort-cpu (%s%s, ONNX Runtime %s), labels %s (%zu)\n", kProg, tagger->graph().c_str(),
                  c.options.threads ? (", threads=" + std::to_string(c.options.threads)).c_str() : "",
                  tagger->ort_version().c_str(), tagger->bank_source().c_str(), tagger->labels().size());
+    qks::RecordOptions record = c.record;  // the bank's per-label thresholds apply unless --threshold is given
+    record.thresholds = tagger->thresholds();
+    if (!record.thresholds.empty() && record.threshold < 0)
+        std::fprintf(stderr, "%s: per-label thresholds of the bank (qks-calibrate); --threshold X overrides them\n", kProg);
     if (!c.options.labels_file.empty()) {  // qks-infer warns about repeated labels
         qks::detail::LabelList list;
         try {
@@ -271,7 +276,7 @@ int run(const Config& c) {
                     r.error = items[i].error;
                 }
                 errors += r.ok() ? 0 : 1;
-                lines += qks::jsonl_record(items[i].name, r, tagger->labels(), c.record) + "\n";
+                lines += qks::jsonl_record(items[i].name, r, tagger->labels(), record) + "\n";
             }
             if (std::fwrite(lines.data(), 1, lines.size(), out.f) != lines.size() || std::fflush(out.f) != 0) {
                 fatal = "cannot write " + (c.out.empty() ? std::string("stdout") : c.out) + ": " + std::strerror(errno);

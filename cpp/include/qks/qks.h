@@ -66,6 +66,9 @@ QKS_C_API void qks_close(qks_tagger* tagger); /* NULL is fine */
 
 QKS_C_API size_t qks_label_count(const qks_tagger* tagger);
 QKS_C_API const char* qks_label_name(const qks_tagger* tagger, size_t index); /* NULL if out of range */
+/* The bank's per-label thresholds (qks-calibrate): qks_label_count floats in bank order, valid while
+ * the tagger lives; NULL when the bank has none. */
+QKS_C_API const float* qks_label_thresholds(const qks_tagger* tagger);
 QKS_C_API size_t qks_queries(const qks_tagger* tagger);   /* Nq of the query features */
 QKS_C_API size_t qks_dim(const qks_tagger* tagger);       /* D of the query features */
 QKS_C_API size_t qks_image_size(const qks_tagger* tagger); /* the image graph's input H = W */
@@ -88,8 +91,10 @@ QKS_C_API const char* qks_results_error(const qks_results* results, size_t index
 QKS_C_API const float* qks_results_probabilities(const qks_results* results, size_t index);
 /* qks_queries x qks_dim raw query features; NULL for an error entry. */
 QKS_C_API const float* qks_results_query_features(const qks_results* results, size_t index);
-/* qks-infer's label choice (top_k > 0 and/or threshold >= 0; neither: threshold 0.5), most
- * probable first: writes up to `capacity` label indices and returns how many were chosen. */
+/* qks-infer's label choice, most probable first: an explicit threshold >= 0 for every label; else
+ * the bank's per-label thresholds (qks_label_thresholds) when it has them; else 0.5 unless top_k > 0.
+ * Of the labels that pass, the top_k most probable (top_k > 0). Writes up to `capacity` label
+ * indices and returns how many were chosen. */
 QKS_C_API size_t qks_results_select(const qks_results* results, size_t index, int top_k, double threshold,
                                     size_t* label_indices, size_t capacity);
 /* The JSONL record qks-infer writes for this entry (no newline); NULL on a bad index. Valid

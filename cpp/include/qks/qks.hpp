@@ -89,6 +89,8 @@ public:
     Tagger& operator=(const Tagger&) = delete;
 
     const std::vector<std::string>& labels() const;
+    // The bank's per-label thresholds (qks-calibrate), one per label in bank order; empty: none.
+    const std::vector<float>& thresholds() const;
     int queries() const;       // Nq of the query features
     int dim() const;           // D of the query features and the label bank
     int image_size() const;    // H = W of the image graph's input
@@ -109,8 +111,9 @@ public:
     Result tag_rgb(const std::uint8_t* rgb, int width, int height, std::size_t stride = 0);
     std::vector<Result> tag_files(const std::vector<std::string>& paths, int workers = 0);
 
-    // qks-infer's label choice: the top_k most probable (top_k > 0), of those the ones with
-    // p >= threshold (threshold >= 0); with neither, threshold 0.5. Most probable first.
+    // qks-infer's label choice, most probable first: an explicit threshold (>= 0) for every label;
+    // else the bank's per-label thresholds() when it has them; else 0.5 unless top_k is given. Of
+    // the labels that pass, the top_k most probable (top_k > 0).
     std::vector<std::pair<std::string, float>> select(const Result& result, int top_k = 0,
                                                       double threshold = -1.0) const;
 

@@ -26,6 +26,7 @@ QKS_API std::string format_probability(float p);
 struct RecordOptions {
     int top_k = 0;           // > 0: keep the k most probable labels
     double threshold = -1;   // >= 0: keep labels with p >= threshold (default 0.5 without top_k)
+    std::vector<float> thresholds; // per-label (Tagger::thresholds()), used when threshold < 0; empty: none
     bool all_scores = false; // {"image", "scores"} with every label, bank order
 };
 
