@@ -192,6 +192,24 @@ def test_qks_infer_ray_tagger_and_triton_read_heic_and_avif(runtime_bundle, libr
         model.close()
 
 
+def test_qks_serve_decodes_uploads_through_the_same_preprocess(runtime_bundle, library, monkeypatch):
+    from qks.runtime.bundle import Bundle
+    from qks.serving.service import ServeConfig, ServeError, Service
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # Service sets it process-wide
+    service = Service(ServeConfig(bundle=runtime_bundle, threads=1))
+    try:
+        pp = Bundle.load(runtime_bundle).preprocess
+        for i, name in enumerate(("b.heic", "c.avif", "d.HEIC")):
+            np.testing.assert_array_equal(service.decode(i, name, (library / name).read_bytes()), pp.load(library / name))
+        with pytest.raises(ServeError) as e:
+            service.decode(0, "e.avif", (library / "e.avif").read_bytes())
+        assert (e.value.status, e.value.message) == (400, "image 1 (e.avif): cannot decode image: a damaged or "
+                                                          "unsupported AVIF file")
+    finally:
+        service.close()
+
+
 def test_qks_tag_names_heic_and_avif_in_its_error_records(runtime_bundle, library, tmp_path):
     from cpp_fixtures import BUILD, run_tool, skip_reason
 
