@@ -36,6 +36,7 @@ _KEYWORDS, _HIER = "Xmp.dc.subject", "Xmp.lr.hierarchicalSubject"
 _OWN, _ROOT, _MODEL, _HASH = (f"Xmp.{QKS_PREFIX}.{k}" for k in ("keywords", "root", "model", "bundleSha256"))
 
 _exiv2 = None  # pyexiv2, imported and set up once
+_EMPTY: bytes | None = None  # a new sidecar's starting packet
 
 
 class XmpError(ValueError):
@@ -149,7 +150,14 @@ def _as_list(value) -> list[str]:
 
 
 def _empty_packet(pyexiv2) -> bytes:
-    """A sidecar with no property, serialised by exiv2 (from a 1-pixel PNG it carries in memory)."""
+    """A sidecar with no property, serialised by exiv2 (from a 1-pixel PNG it carries in memory); once."""
+    global _EMPTY
+    if _EMPTY is None:
+        _EMPTY = _serialise_empty(pyexiv2)
+    return _EMPTY
+
+
+def _serialise_empty(pyexiv2) -> bytes:
     from PIL import Image
 
     png = io.BytesIO()

@@ -107,6 +107,39 @@ def test_merge_keeps_foreign_fields_and_a_rerun_replaces_only_qks_keywords(image
     assert foreign(side) == theirs
 
 
+# A darktable sidecar (its own XML, as darktable writes it): a history of edits as an array of structs.
+DARKTABLE = """<?xml version="1.0" encoding="UTF-8"?>
+<x:xmpmeta xmlns:x="adobe:ns:meta/" x:xmptk="XMP Core 4.4.0-Exiv2">
+ <rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">
+  <rdf:Description rdf:about="" xmlns:xmp="http://ns.adobe.com/xap/1.0/" xmlns:darktable="http://darktable.sf.net/"
+   xmp:Rating="1" darktable:xmp_version="5" darktable:history_end="2">
+   <darktable:history>
+    <rdf:Seq>
+     <rdf:li darktable:num="0" darktable:operation="exposure" darktable:enabled="1" darktable:params="0000803f"/>
+     <rdf:li darktable:num="1" darktable:operation="crop" darktable:enabled="0" darktable:params="00000000"/>
+    </rdf:Seq>
+   </darktable:history>
+  </rdf:Description>
+ </rdf:RDF>
+</x:xmpmeta>
+"""
+
+
+def test_a_darktable_sidecar_keeps_its_edit_history(image):
+    side = sidecar_path(image)
+    side.write_text(DARKTABLE)
+
+    def darktable() -> dict:
+        r = subprocess.run(["exiftool", "-j", "-G1", "-struct", "-XMP-darktable:all", "-XMP-xmp:all", str(side)],
+                           capture_output=True, text=True, timeout=60)
+        return {k: v for k, v in json.loads(r.stdout)[0].items() if k != "SourceFile"}
+
+    before = darktable()
+    assert len(before["XMP-darktable:History"]) == 2 and before["XMP-xmp:Rating"] == 1
+    write_sidecar(image, ["cat"], model="m", bundle_sha256=SHA)
+    assert darktable() == before and qks_view(side)["subject"] == ["cat"]
+
+
 @pytest.mark.parametrize("content, reason", [
     (b"<?xpacket begin='' id='W5M0MpCehiHzreSzNTczkc9d'?><x:xmpmeta xmlns:x='adobe:ns:meta/'><rdf:RDF",
      "existing sidecar is unreadable (left as it is): "),
