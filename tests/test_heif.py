@@ -4,6 +4,7 @@ is an error record naming the fix."""
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -56,6 +57,16 @@ def test_decoded_tensor_equals_the_same_pixels_from_png(pp, name, tmp_path):
     for fmt, suffix in (("HEIF", "heic"), ("AVIF", "avif")):  # what phones write: lossy, 4:2:0
         lossy = pp.load(save(img, tmp_path / f"q90.{suffix}", fmt, quality=90))
         assert float(np.abs(lossy - want).mean()) <= LOSSY_MEAN[fmt], fmt
+
+
+def test_a_10_bit_heic_decodes_to_the_8_bit_pixels(pp):
+    """iPhone HDR photos are 10-bit: pillow-heif gives Pillow 8-bit RGB (here exactly the source's)."""
+    rgb = np.asarray(photo("coffee").resize((96, 64)))
+    deep = pillow_heif.from_bytes(mode="RGB;16", size=(96, 64), data=(rgb.astype(np.uint16) * 257).tobytes())
+    data = io.BytesIO()
+    deep.save(data, **LOSSLESS_HEIC)
+    assert isobmff_format(data.getvalue()[:64]) == "HEIC"
+    np.testing.assert_array_equal(pp.load(io.BytesIO(data.getvalue())), pp(Image.fromarray(rgb)))
 
 
 def test_exif_orientation_is_honoured_like_jpeg(pp, tmp_path):
