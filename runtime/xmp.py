@@ -140,6 +140,9 @@ def _bag(key: str, values: list[str]) -> dict:
     exiv2 reads "type=Bag" as an empty Bag and `key[i]` as its items; None deletes the key."""
     if not values:
         return {key: None}
+    odd = next((v for v in values if v.startswith("type=")), None)
+    if odd is not None:  # exiv2 would read it as an array type: refused, the sidecar left as it is
+        raise XmpError(f"keyword {odd[:60]!r} starts with 'type=', which exiv2 cannot store as text")
     return {key: "type=Bag", **{f"{key}[{i}]": v for i, v in enumerate(values, 1)}}
 
 

@@ -161,6 +161,9 @@ def test_other_refusals_are_one_line(image, tmp_path):
         write_sidecar(tmp_path / "gone.jpg", ["cat"], model="m", bundle_sha256=SHA)
     with pytest.raises(XmpError, match="^the hierarchical keyword root is empty$"):
         write_sidecar(image, ["cat"], model="m", bundle_sha256=SHA, root="|")
+    with pytest.raises(XmpError, match="^keyword 'type=Alt' starts with 'type=', which exiv2 cannot store as text$"):
+        write_sidecar(image, ["cat", "type=Alt"], model="m", bundle_sha256=SHA)
+    assert not sidecar_path(image).exists()
     sidecar_path(image).mkdir()
     with pytest.raises(XmpError, match="^sidecar path is a directory$"):
         write_sidecar(image, ["cat"], model="m", bundle_sha256=SHA)
