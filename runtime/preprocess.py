@@ -113,7 +113,9 @@ class Preprocess:
             if e.errno is not None and e.strerror:  # an OS error: its text, not the path it names
                 raise PreprocessError(f"cannot read file: {e.strerror}") from None
             raise PreprocessError(f"cannot decode image: {_first_line(e)}") from None
-        except (ValueError, SyntaxError, EOFError) as e:  # truncated/corrupt data
+        except (ValueError, SyntaxError, EOFError, RuntimeError) as e:  # truncated/corrupt data (libheif and
+            if "Security limit exceeded" in str(e):  # libavif raise RuntimeError), or libheif's size limit
+                raise PreprocessError("image too large (decoder security limit)") from None
             raise PreprocessError(f"cannot decode image: {_first_line(e)}") from None
 
 

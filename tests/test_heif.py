@@ -139,6 +139,37 @@ def test_a_damaged_heic_is_a_one_line_error(pp, tmp_path):
     assert "\n" not in str(e.value) and str(e.value).startswith(("cannot decode image: ", "not a readable image"))
 
 
+def test_damaged_files_raise_only_preprocess_errors(pp):
+    """Mutants of real HEIC/AVIF files (bytes changed, cut, overwritten): a tensor or a one-line
+    PreprocessError, never another exception (libheif and libavif raise RuntimeError; found here)."""
+    img = photo("chelsea").resize((64, 48))
+    seeds = []
+    for fmt in ("HEIF", "AVIF"):
+        data = io.BytesIO()
+        img.save(data, fmt, quality=80)
+        seeds.append(data.getvalue())
+    rng = np.random.default_rng(1)
+    outcomes = {"tensor": 0, "error": 0}
+    for i in range(600):
+        d = bytearray(seeds[i % 2])
+        op = i % 3
+        if op == 0:
+            for _ in range(rng.integers(1, 8)):
+                d[rng.integers(len(d))] = rng.integers(256)
+        elif op == 1:
+            d = d[: rng.integers(len(d))]
+        else:
+            at = rng.integers(len(d))
+            d[at:at + 4] = rng.integers(0, 256, 4, dtype=np.uint8).tobytes()
+        try:
+            pp.load(io.BytesIO(bytes(d)))
+            outcomes["tensor"] += 1
+        except PreprocessError as e:
+            assert "\n" not in str(e)
+            outcomes["error"] += 1
+    assert min(outcomes.values()) > 50, outcomes  # both kinds of outcome were exercised
+
+
 # -- the tools: qks-infer, the Ray tagger, the Triton bytes input, qks-tag ----------------------------
 
 
