@@ -44,6 +44,7 @@ BANK_FILE = "labels.npy"
 LABELS_FILE = "labels.txt"
 PIXELS, IMAGE = "pixels", "image"
 PROBS, LOGITS = "probabilities", "logits"
+SELECTED = "selected"  # BOOL [B, L]: p >= the label's threshold (qks-calibrate's, else 0.5)
 DECODE_THREADS = 4
 
 
@@ -147,6 +148,11 @@ class QksServingModel:
         if self.embeddings.ndim != 2 or len(self.names) != self.embeddings.shape[0]:
             raise ServingError(f"{LABELS_FILE} has {len(self.names)} labels, {BANK_FILE} is "
                                f"{list(self.embeddings.shape)}")
+        # the `selected` output's thresholds: the spec's (written by qks-triton), else 0.5 for every label
+        thresholds = (spec.get("selection") or {}).get("thresholds")
+        self.thresholds = np.asarray(thresholds if thresholds is not None else [0.5] * len(self.names), np.float32)
+        if self.thresholds.shape != (len(self.names),):
+            raise ServingError(f"{SPEC_FILE}: {self.thresholds.size} selection thresholds for {len(self.names)} labels")
         self.in_name, self.out_name = self.engine.inputs[0].name, self.engine.outputs[0].name
         self.size = self.preprocess.size
         self._pool = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="qks-decode")
@@ -290,7 +296,8 @@ class TritonPythonModel:
                 responses.append(self._error(str(res)))
             else:
                 probs, lg = res
-                responses.append(self.pb.InferenceResponse([self.pb.Tensor(PROBS, probs), self.pb.Tensor(LOGITS, lg)]))
+                responses.append(self.pb.InferenceResponse([self.pb.Tensor(PROBS, probs), self.pb.Tensor(LOGITS, lg),
+                                                            self.pb.Tensor(SELECTED, probs >= self.model.thresholds)]))
         return responses
 
     def finalize(self) -> None:

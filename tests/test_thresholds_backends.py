@@ -161,3 +161,65 @@ def test_ray_tagger_records_use_the_stored_thresholds(calibrated, photo_dir):
     rec = tagger.tag([str(photo_dir / "astronaut.jpg")])[0]
     assert list(rec["labels"]) == expected({"astronaut.jpg": scores["astronaut.jpg"]}, names, None, None,
                                            thr)["astronaut.jpg"]
+
+
+def _query_features(bundle: Path, photo_dir: Path, images: list[str]) -> np.ndarray:
+    from qks.runtime.backend import select_backend
+
+    b = Bundle.load(bundle)
+    engine, _ = select_backend(b, "ort-cpu", threads=1, precision="fp32")
+    with engine:
+        pixels = np.stack([b.preprocess.load(photo_dir / i) for i in images])
+        return engine.run({engine.inputs[0].name: pixels})["query_features"]
+
+
+def test_triton_onnx_repository_selects_with_the_stored_thresholds(calibrated, photo_dir, tmp_path):
+    """The scoring model's `selected` output is p >= the label's stored threshold, as Python's select."""
+    import onnxruntime as ort
+    from qks.export.triton import write_repository
+    from qks.runtime.scoring import logits, sigmoid
+
+    bundle, names, thr, scores = calibrated
+    write_repository(bundle, tmp_path / "repo")
+    images = sorted(scores)
+    qf = _query_features(bundle, photo_dir, images)
+    sess = ort.InferenceSession(str(tmp_path / "repo" / "qks_scoring" / "1" / "model.onnx"))
+    probs, selected = sess.run(["probabilities", "selected"], {"query_features": qf})
+    bank = Bundle.load(bundle).banks["default"]
+    want_probs = sigmoid(logits(qf, np.load(bank.path), *Bundle.load(bundle).scoring))
+    np.testing.assert_allclose(probs, want_probs, rtol=1e-5, atol=1e-6)
+    for i in range(len(images)):
+        assert [names[j] for j in np.flatnonzero(selected[i])] == sorted(
+            (n for n, _ in select(probs[i], names, None, thr)), key=names.index)
+    assert 'name: "selected"' in (tmp_path / "repo" / "qks_scoring" / "config.pbtxt").read_text()
+    assert "per-label thresholds (qks-calibrate)" in (tmp_path / "repo" / "qks_scoring" / "config.pbtxt").read_text()
+
+
+def test_triton_onnx_repository_without_thresholds_selects_at_one_half(runtime_bundle, tmp_path):
+    import onnxruntime as ort
+    from qks.export.triton import write_repository
+
+    write_repository(runtime_bundle, tmp_path / "repo")
+    sess = ort.InferenceSession(str(tmp_path / "repo" / "qks_scoring" / "1" / "model.onnx"))
+    qf = np.random.default_rng(0).normal(size=(3, *sess.get_inputs()[0].shape[1:])).astype(np.float32)
+    probs, selected = sess.run(["probabilities", "selected"], {"query_features": qf})
+    assert np.array_equal(selected, probs >= np.float32(0.5))
+
+
+def test_triton_python_model_selects_with_the_stored_thresholds(calibrated, photo_dir, tmp_path):
+    from qks.export.triton import write_python_repository
+    from qks.serving.triton_model import QksServingModel, serve_batch
+
+    bundle, names, thr, scores = calibrated
+    write_python_repository(bundle, tmp_path / "repo")
+    model = QksServingModel(tmp_path / "repo" / "qks", threads=1)
+    try:
+        assert np.array_equal(model.thresholds, thr)
+        images = sorted(scores)
+        blobs = np.array([[(photo_dir / i).read_bytes()] for i in images], dtype=object)
+        ((probs, _lg),) = serve_batch(model, [(None, blobs)])
+        for i in range(len(images)):  # the `selected` output execute() returns: probs >= model.thresholds
+            assert [names[j] for j in np.flatnonzero(probs[i] >= model.thresholds)] == sorted(
+                (n for n, _ in select(probs[i], names, None, thr)), key=names.index)
+    finally:
+        model.close()

@@ -54,7 +54,7 @@ def test_repository_files_and_config(pyrepo, runtime_bundle):
     assert [(t.name, pbm.DataType.Name(t.data_type), list(t.dims), t.optional) for t in cfg.input] == [
         ("pixels", "TYPE_FP32", [3, 32, 32], True), ("image", "TYPE_STRING", [1], True)]
     assert [(t.name, list(t.dims), t.label_filename) for t in cfg.output] == [
-        ("probabilities", [5], "labels.txt"), ("logits", [5], "")]
+        ("probabilities", [5], "labels.txt"), ("logits", [5], ""), ("selected", [5], "")]
     assert cfg.HasField("dynamic_batching") and cfg.dynamic_batching.max_queue_delay_microseconds > 0
     assert [pbm.ModelInstanceGroup.Kind.Name(g.kind) for g in cfg.instance_group] == ["KIND_CPU"]
     bundle = Bundle.load(runtime_bundle)

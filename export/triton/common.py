@@ -22,6 +22,18 @@ MARKER_VERSION = 1
 DEFAULT_MAX_BATCH = 32
 IMAGE_QUEUE_DELAY_US = 100  # wait at most 0.1 ms for more requests to batch with
 PROBS, LOGITS = "probabilities", "logits"
+# BOOL [B, L]: p >= the label's threshold (the bank's per-label thresholds from qks-calibrate, else 0.5 for
+# every label: qks-infer's default); a client that wants another rule applies it to the probabilities
+SELECTED = "selected"
+
+
+def selection_thresholds(bank) -> tuple:
+    """(float32 [L] thresholds of the `selected` output, a few words on where they come from)."""
+    import numpy as np
+
+    if getattr(bank, "thresholds", None) is not None:
+        return np.asarray(bank.thresholds, dtype=np.float32), "per-label thresholds (qks-calibrate)"
+    return np.full(len(bank.names), 0.5, dtype=np.float32), "0.5 for every label (qks-infer's default)"
 LABELS_FILE = "labels.txt"
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,63}")
 INSTALL_HINT = "pip install 'qks[triton]'"

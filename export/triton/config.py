@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .common import IMAGE_QUEUE_DELAY_US, LABELS_FILE, LOGITS, PROBS, TritonError
+from .common import IMAGE_QUEUE_DELAY_US, LABELS_FILE, LOGITS, PROBS, SELECTED, TritonError
 
 if TYPE_CHECKING:
     from .image_model import ImageModel
@@ -87,7 +87,8 @@ def scoring_config(name: str, qf: dict, qf_dims: list[int], n_labels: int, max_b
             "input": [tensor(qf, "query features", qf_dims)],
             "output": [{"name": PROBS, "data_type": _Enum("TYPE_FP32"), "dims": [n_labels],
                         "label_filename": LABELS_FILE},
-                       {"name": LOGITS, "data_type": _Enum("TYPE_FP32"), "dims": [n_labels]}],
+                       {"name": LOGITS, "data_type": _Enum("TYPE_FP32"), "dims": [n_labels]},
+                       {"name": SELECTED, "data_type": _Enum("TYPE_BOOL"), "dims": [n_labels]}],
             "dynamic_batching": {}}
 
 
@@ -97,14 +98,16 @@ def ensemble_config(name: str, image_name: str, scoring_name: str, image: ImageM
             "input": [tensor({**pix, "name": ENSEMBLE_INPUT}, "ensemble input")],
             # dims -1: the label count lives in the scoring model only, so new labels leave this as it is
             "output": [{"name": PROBS, "data_type": _Enum("TYPE_FP32"), "dims": [-1]},
-                       {"name": LOGITS, "data_type": _Enum("TYPE_FP32"), "dims": [-1]}],
+                       {"name": LOGITS, "data_type": _Enum("TYPE_FP32"), "dims": [-1]},
+                       {"name": SELECTED, "data_type": _Enum("TYPE_BOOL"), "dims": [-1]}],
             "ensemble_scheduling": {"step": [
                 {"model_name": image_name, "model_version": -1,
                  "input_map": [{"key": pix["name"], "value": ENSEMBLE_INPUT}],
                  "output_map": [{"key": qf["name"], "value": "query_features"}]},
                 {"model_name": scoring_name, "model_version": -1,
                  "input_map": [{"key": "query_features", "value": "query_features"}],
-                 "output_map": [{"key": PROBS, "value": PROBS}, {"key": LOGITS, "value": LOGITS}]},
+                 "output_map": [{"key": PROBS, "value": PROBS}, {"key": LOGITS, "value": LOGITS},
+                                {"key": SELECTED, "value": SELECTED}]},
             ]}}
 
 
@@ -118,7 +121,8 @@ def python_config(name: str, pixels: dict, n_labels: int, max_batch: int) -> dic
                       {"name": tm.IMAGE, "data_type": _Enum("TYPE_STRING"), "dims": [1], "optional": True}],
             "output": [{"name": PROBS, "data_type": _Enum("TYPE_FP32"), "dims": [n_labels],
                         "label_filename": LABELS_FILE},
-                       {"name": LOGITS, "data_type": _Enum("TYPE_FP32"), "dims": [n_labels]}],
+                       {"name": LOGITS, "data_type": _Enum("TYPE_FP32"), "dims": [n_labels]},
+                       {"name": SELECTED, "data_type": _Enum("TYPE_BOOL"), "dims": [n_labels]}],
             "dynamic_batching": {"max_queue_delay_microseconds": IMAGE_QUEUE_DELAY_US},
             "instance_group": [{"kind": _Enum("KIND_CPU"), "count": 1}],
             # ONNX Runtime's intra-op threads in the model; 0: its default (all cores)

@@ -42,7 +42,8 @@ def write_repository(bundle_dir: str | Path, repo: str | Path, *, labels: str | 
     check_target(repo)
     bundle = load_bundle(bundle_dir)
     image = choose_image_model(bundle, image_model, max_batch, gpu_sm)
-    if len(image.inputs) != 1 or len(image.outputs) != 1:
+    # outputs: query features first (scored by NAME_scoring), then optionally the image embedding
+    if len(image.inputs) != 1 or not image.outputs:
         raise TritonError(f"the image model has {len(image.inputs)} inputs and {len(image.outputs)} outputs; "
                           "expected pixels -> query_features")
     lbank = load_bank(bundle, labels, bank)

@@ -42,6 +42,7 @@ from .common import (
     load_bundle,
     model_names,
     now,
+    selection_thresholds,
     staging,
     swap,
     write_marker,
@@ -76,8 +77,9 @@ def choose_graph(bundle, image_model: str = "auto"):
         graph = _ort_graph(bundle, "cpu", PRECISION[image_model])
     except EngineError as e:
         raise TritonError(str(e)) from None
-    if len(graph.inputs) != 1 or len(graph.outputs) != 1 or graph.inputs[0].get("dtype") != "float32":
-        raise TritonError(f"{graph.file}: expected one float32 pixels input and one output (query features)")
+    # outputs: query features first, then optionally the image embedding (not served by this model)
+    if len(graph.inputs) != 1 or not graph.outputs or graph.inputs[0].get("dtype") != "float32":
+        raise TritonError(f"{graph.file}: expected one float32 pixels input and the query features output first")
     return graph
 
 
@@ -87,12 +89,15 @@ def _spec(bundle, graph, bank, max_batch: int, graph_file: str) -> dict:
     from ...serving import triton_model as tm
 
     mode, k = bundle.scoring
+    thresholds, selection = selection_thresholds(bank)
     precision = "fp16" if graph.precision == "fp16" or graph.name.endswith("fp16") else graph.precision
     return {"format": tm.SPEC_FORMAT, "version": tm.SPEC_VERSION, "qks_version": __version__,
             "graph": {"file": graph_file, "name": graph.name, "sha256": graph.sha256, "precision": precision},
             "preprocess": bundle.manifest["preprocess"], "scoring": {"mode": mode, "k": int(k)},
             "bank": {"file": tm.BANK_FILE, "labels": len(bank.names), "dim": int(bank.embeddings.shape[1]),
                      "source": bank.source, "key": bank.key},
+            # the `selected` output's thresholds, bank order (qks-calibrate's per label, else 0.5 each)
+            "selection": {"thresholds": [float(t) for t in thresholds], "source": selection},
             "max_batch_size": int(max_batch)}
 
 

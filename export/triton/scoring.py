@@ -7,15 +7,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import LABELS_FILE, LOGITS, PROBS, TritonError, now
+from .common import LABELS_FILE, LOGITS, PROBS, SELECTED, TritonError, now, selection_thresholds
 from .config import scoring_config, triton_dims, write_config
 
 
 def scoring_model(embeddings: np.ndarray, *, queries: int | None, in_dtype: str = "float32", mode: str = "max",
-                  k: int = 1, opset: int = 18, input_name: str = "query_features"):
+                  k: int = 1, opset: int = 18, input_name: str = "query_features", thresholds: np.ndarray | None = None):
     """An ONNX model: query_features [B, Nq, D] -> probabilities, logits [B, L] (float32), computing
     exactly `qks.runtime.scoring`: logits = max over queries (or the sum of the top k) of the dot
-    products with the bank's embeddings [L, D]; probabilities = sigmoid(logits). `queries` None
+    products with the bank's embeddings [L, D]; probabilities = sigmoid(logits); selected (BOOL) =
+    probabilities >= the label's threshold (`thresholds` [L], default 0.5 each). `queries` None
     means a dynamic Nq."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -54,11 +55,17 @@ def scoring_model(embeddings: np.ndarray, *, queries: int | None, in_dtype: str 
                                       largest=1, sorted=1))
         nodes.append(helper.make_node("ReduceSum", ["top_values", "query_axis"], [LOGITS], keepdims=0))
     nodes.append(helper.make_node("Sigmoid", [LOGITS], [PROBS]))
+    thr = np.full(n_labels, 0.5, dtype=np.float32) if thresholds is None else np.asarray(thresholds, dtype=np.float32)
+    if thr.shape != (n_labels,):
+        raise TritonError(f"{thr.shape} thresholds for {n_labels} labels")
+    inits.append(numpy_helper.from_array(thr, "label_thresholds"))
+    nodes.append(helper.make_node("GreaterOrEqual", [PROBS, "label_thresholds"], [SELECTED]))
     graph = helper.make_graph(
         nodes, "qks_scoring",
         [helper.make_tensor_value_info(input_name, onnx_in[in_dtype], ["batch", queries or "queries", d])],
         [helper.make_tensor_value_info(PROBS, TensorProto.FLOAT, ["batch", n_labels]),
-         helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch", n_labels])],
+         helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch", n_labels]),
+         helper.make_tensor_value_info(SELECTED, TensorProto.BOOL, ["batch", n_labels])],
         inits)
     ops = [helper.make_opsetid("", opset)]
     model = helper.make_model(graph, opset_imports=ops, producer_name="qks-triton",
@@ -89,13 +96,16 @@ def write_scoring(folder: Path, model_name: str, bank, image_qf: dict, max_batch
     if d > 0 and bank.embeddings.shape[1] != d:
         raise TritonError(f"label bank has dimension {bank.embeddings.shape[1]}, the image model's query features "
                           f"have {d}")
+    thresholds, selection = selection_thresholds(bank)
     model = scoring_model(bank.embeddings, queries=nq if nq > 0 else None, in_dtype=image_qf["dtype"], mode=mode,
-                          k=k, opset=opset, input_name="query_features")
+                          k=k, opset=opset, input_name="query_features", thresholds=thresholds)
     (folder / "1").mkdir(parents=True)
     _save_onnx(model, folder / "1" / "model.onnx")
     (folder / LABELS_FILE).write_text("".join(n + "\n" for n in bank.names), encoding="utf-8")
     cfg = scoring_config(model_name, {**image_qf, "name": "query_features"}, qf_dims, len(bank.names), max_batch)
     write_config(folder, cfg, f"qks-triton {now()}: {len(bank.names)} labels ({bank.source}), scoring {mode}"
-                  + (f" k={k}" if mode == "topk" else "") + f" over the queries, then sigmoid\nbundle: {bundle_root}")
+                  + (f" k={k}" if mode == "topk" else "") + f" over the queries, then sigmoid; selected: {selection}\n"
+                  f"bundle: {bundle_root}")
     return {"labels": len(bank.names), "bank": bank.source, "bank_key": bank.key, "dim": int(bank.embeddings.shape[1]),
+            "selection": selection,
             "mode": mode, "k": int(k), "opset": max(17, int(opset)), "written": now()}
