@@ -169,7 +169,7 @@ def test_other_refusals_are_one_line(image, tmp_path):
         write_sidecar(image, ["cat"], model="m", bundle_sha256=SHA)
 
 
-def test_a_read_only_folder_is_an_error_and_nothing_is_lost():
+def test_a_read_only_folder_or_sidecar_is_an_error_and_nothing_is_lost():
     """As an unprivileged user (root writes anywhere): the child drops to `nobody` after fork."""
     check_available()  # pyexiv2 loaded before the fork: `nobody` cannot read the venv under /root
     d = Path(tempfile.mkdtemp(dir="/tmp"))
@@ -183,6 +183,9 @@ def test_a_read_only_folder_is_an_error_and_nothing_is_lost():
         d.chmod(0o555)
         got = _as_nobody(lambda: [_error_of(old), _error_of(new)])
         assert got == ["cannot write sidecar: Permission denied"] * 2
+        d.chmod(0o777)  # a writable folder, but the sidecar itself read-only: respected, not replaced
+        sidecar_path(old).chmod(0o444)
+        assert _as_nobody(lambda: _error_of(old)) == "existing sidecar is read-only; left as it is"
         assert (sidecar_path(old).read_bytes(), qks_view(sidecar_path(old))) == before
         assert sorted(p.name for p in d.iterdir()) == ["new.jpg", "old.jpg", "old.jpg.xmp"]
     finally:
