@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -232,6 +233,22 @@ def test_qks_infer_ray_tagger_and_triton_read_heic_and_avif(runtime_bundle, libr
             model.decode((library / "e.avif").read_bytes())
     finally:
         model.close()
+
+
+def test_qks_ray_infer_workers_decode_heic_and_avif(runtime_bundle, library, tmp_path):
+    """A real Ray run (~20 s here: Ray's start): the workers register pillow-heif themselves, and the
+    file equals qks-infer's byte for byte."""
+    pytest.importorskip("ray")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("a.png", "b.heic", "c.avif"):
+        (folder / name).write_bytes((library / name).read_bytes())
+    args = [str(folder), "--bundle", str(runtime_bundle), "--all-scores", "--threads", "1"]
+    assert qks_infer([*args, "--no-progress", "--out", str(tmp_path / "infer.jsonl")]) == 0
+    r = subprocess.run([sys.executable, "-c", "from qks.runtime.ray_tagger import main; main()", *args, "--out", str(tmp_path / "ray.jsonl")],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "ray.jsonl").read_bytes() == (tmp_path / "infer.jsonl").read_bytes()
 
 
 def test_qks_serve_decodes_uploads_through_the_same_preprocess(runtime_bundle, library, monkeypatch):
