@@ -18,16 +18,16 @@ thresholds were stored, 2 when the run could not start or finish, 130 when inter
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import click
 import numpy as np
+
+from qks.manifest_lines import Sample, parse_line
 
 from ..engines.base import EngineError
 from .backend import BACKENDS, PRECISIONS, select_backend
@@ -47,46 +47,6 @@ _ERRORS = (BundleError, EngineError, LabelError, CalibrationError, PreprocessErr
 
 # -- the labelled sample -------------------------------------------------------------------------
 
-@dataclass
-class Sample:
-    image: str  # as written in the manifest
-    path: Path
-    targets: dict  # label -> +1 / -1 / 0, for the labels the line names
-    unlisted: int  # -1 (negative) or 0 (unknown) for every other label
-
-
-def _names(obj: dict, key: str) -> list[str]:
-    v = obj.get(key, [])
-    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-        raise ValueError(f"{key!r} must be a list of label names")
-    return v
-
-
-def _parse(line: str, root: Path) -> Sample:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(obj, dict):
-        raise ValueError("a line must be a JSON object")
-    image = obj.get("image")
-    if not isinstance(image, str) or not image.strip():
-        raise ValueError('missing "image" (a path string)')
-    unlisted = obj.get("unlisted", "negative")
-    if unlisted not in ("negative", "unknown"):
-        raise ValueError(f'"unlisted" must be "negative" or "unknown", not {unlisted!r}')
-    targets = {}
-    for key, value in (("labels", 1), ("negatives", -1), ("unknown", 0)):
-        for name in _names(obj, key):
-            if name in targets:
-                raise ValueError(f"label {name!r} is listed twice (labels/negatives/unknown)")
-            targets[name] = value
-    path = Path(os.path.normpath(image if os.path.isabs(image) else root / image))
-    if not os.path.isabs(image) and os.path.commonpath([root, path]) != str(root):
-        raise ValueError(f"image {image!r} points outside the manifest's folder {root}")
-    return Sample(image, path, targets, -1 if unlisted == "negative" else 0)
-
-
 def read_samples(path: Path, skip_bad: bool = False) -> tuple[list[Sample], list[str]]:
     """The manifest's samples and the problems of its bad lines (an error unless skip_bad)."""
     try:
@@ -95,12 +55,12 @@ def read_samples(path: Path, skip_bad: bool = False) -> tuple[list[Sample], list
         raise CalibrationError(f"--data {path}: file not found") from None
     except (OSError, UnicodeDecodeError) as e:
         raise CalibrationError(f"--data {path}: cannot read it ({type(e).__name__})") from None
-    root = Path(os.path.normpath(path.parent.absolute()))
+    root = os.path.normpath(os.path.abspath(path.parent))
     samples, problems = [], []
     for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                samples.append(_parse(line, root))
+                samples.append(parse_line(line, root, None, n))
             except ValueError as e:
                 problems.append(f"{path}:{n}: {e}")
     if problems and not skip_bad:
@@ -114,15 +74,8 @@ def read_samples(path: Path, skip_bad: bool = False) -> tuple[list[Sample], list
 def target_matrix(samples: list[Sample], names: list[str]) -> tuple[np.ndarray, set[str]]:
     """int8 [N, L] targets over the bank's labels, and the data's labels that are not in the bank."""
     index = {n: j for j, n in enumerate(names)}
-    out = np.empty((len(samples), len(names)), dtype=np.int8)
-    unknown: set[str] = set()
-    for i, s in enumerate(samples):
-        out[i] = s.unlisted
-        for name, v in s.targets.items():
-            if name in index:
-                out[i, index[name]] = v
-            else:
-                unknown.add(name)
+    out = np.stack([s.targets(index) for s in samples])
+    unknown = {n for s in samples for n in s.positives + s.negatives + s.unknown if n not in index}
     return out, unknown
 
 
@@ -145,7 +98,7 @@ def score_samples(engine, bank: LabelBank, bundle: Bundle, samples: list[Sample]
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for start in range(0, len(samples), step):
             chunk = samples[start:start + step]
-            items = list(pool.map(lambda s: decode_image(None, str(s.path), bundle.preprocess), chunk))
+            items = list(pool.map(lambda s: decode_image(None, s.path, bundle.preprocess), chunk))
             ok = [i for i, (_rel, arr, err) in enumerate(items) if err is None]
             problems += [f"{chunk[i].image}: {err}" for i, (_rel, _arr, err) in enumerate(items) if err is not None]
             if ok:
