@@ -13,7 +13,10 @@
 5. prints a few scenes with their true and predicted labels, ZSL / GZSL metrics recomputed from
    qks-infer's output beside the backbone alone and chance on the same images, and writes a contact
    sheet (contact_sheet.png: scenes with their top labels, never-trained ones marked);
-6. `qks-bench` on the bundle (ONNX Runtime CPU, few iterations).
+6. `qks-bench` on the bundle (ONNX Runtime CPU, few iterations);
+7. the photo-library walk-through (benchmarks/library_walkthrough.py) on 60 test scenes: calibrated
+   per-label thresholds, XMP sidecars read back by exiftool, planted near-duplicates found by
+   qks-dupes, qks-similar, and an update run that tags only added photos.
 
 Everything goes under demo/ (git-ignored). Run it with `make demo`, or
 `.venv/bin/python -m benchmarks.demo [--out demo] [--train 1500] [--test 200] [--epochs 12]`.
@@ -193,6 +196,16 @@ def main(argv: list[str] | None = None) -> int:
         "--batch-sizes", "1,8", "--iters", "5", "--warmup", "1", "--e2e-batches", "3",
         "--images", str(data / "images" / "test"), "--threads", threads, "--workers", "1",
         "--labels", str(labels_file), "--out", str(out / "bench.json"), "--quiet"], env)
+
+    # 7. photo library ---------------------------------------------------------------------------
+    print("== 7. the photo-library walk-through (benchmarks/library_walkthrough.py) on the test scenes")
+    t0 = time.perf_counter()
+    from benchmarks.library_walkthrough import main as walkthrough
+
+    if walkthrough(["--bundle", str(bundle), "--data", str(data), "--labels", str(labels_file),
+                    "--out", str(out / "library"), "--threads", threads]) != 0:
+        sys.exit("error: the photo-library walk-through failed a check (above)")
+    times["library"] = time.perf_counter() - t0
     total = time.perf_counter() - t_start
     print("== done in " + f"{total:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + f"); "
           f"outputs in {out}")

@@ -299,30 +299,11 @@ def _repair_tail(path: Path) -> bytes:
 
 def done_images(out: Path, fmt: str, header: list[str]) -> set[str]:
     """Images already recorded in `out` (repairing a partial last line first)."""
-    data = _repair_tail(out)
+    _repair_tail(out)
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InferError(f"{out}: not UTF-8; not resuming into it") from None
-    done = set()
-    if fmt == "jsonl":
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                done.add(rec["image"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise InferError(f"{out}: line {i} is not a qks-infer record; not resuming into it") from None
-        return done
-    try:
-        rows = list(csv.reader(io.StringIO(text)))
-    except csv.Error as e:
-        raise InferError(f"{out}: not a valid CSV ({e}); not resuming into it") from None
-    if rows and rows[0] != header:
-        raise InferError(f"{out}: its CSV columns differ from this run's (other labels or --all-scores?); "
-                         "not resuming into it")
-    return {r[0] for r in rows[1:] if r}
+        return set(read_chunks(out, fmt, header, doing="resuming into")[0])
+    except UpdateError as e:
+        raise InferError(str(e)) from None
 
 
 def _write_meta(path: Path | None, meta: dict) -> None:

@@ -112,14 +112,15 @@ def write_states(out: Path, states: dict[str, dict]) -> None:
 
 # -- the records OUT holds ---------------------------------------------------------------------------
 
-def read_chunks(out: Path, fmt: str, header: list[str]) -> tuple[dict[str, str], set[str]]:
+def read_chunks(out: Path, fmt: str, header: list[str], doing: str = "updating") -> tuple[dict[str, str], set[str]]:
     """OUT's records as text, {image: its line(s) as written}, and the images whose record is an error
-    (an update tags those again). A partial last line (an interrupted run) is left out."""
+    (an update tags those again). A partial last line (an interrupted run) is left out; `doing` names
+    the refused action in errors."""
     try:
         data = out.read_bytes()
         text = data[:data.rfind(b"\n") + 1].decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise UpdateError(f"{out}: cannot read it as UTF-8 records ({e}); not updating it") from None
+        raise UpdateError(f"{out}: cannot read it as UTF-8 records ({type(e).__name__}); not {doing} it") from None
     chunks: dict[str, list[str]] = {}
     errors = set()
     if fmt == "jsonl":
@@ -130,7 +131,7 @@ def read_chunks(out: Path, fmt: str, header: list[str]) -> tuple[dict[str, str],
                 rec = json.loads(line)
                 name = rec["image"]
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise UpdateError(f"{out}: line {i} is not a qks-infer record; not updating it") from None
+                raise UpdateError(f"{out}: line {i} is not a qks-infer record; not {doing} it") from None
             chunks[name] = [line + "\n"]
             if "error" in rec:
                 errors.add(name)
@@ -138,10 +139,10 @@ def read_chunks(out: Path, fmt: str, header: list[str]) -> tuple[dict[str, str],
     try:
         rows = list(csv.reader(io.StringIO(text)))
     except csv.Error as e:
-        raise UpdateError(f"{out}: not a valid CSV ({e}); not updating it") from None
+        raise UpdateError(f"{out}: not a valid CSV ({e}); not {doing} it") from None
     if rows and rows[0] != header:
         raise UpdateError(f"{out}: its CSV columns differ from this run's (other labels or --all-scores?); "
-                          "not updating it")
+                          f"not {doing} it")
     for row in rows[1:]:
         if not row:
             continue

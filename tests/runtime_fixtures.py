@@ -85,6 +85,13 @@ def run_blocked(entry: str, args: list[str], cwd=None, timeout=300) -> subproces
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, timeout=timeout)
 
 
+def qks_infer(images, bundle, *args, timeout=300) -> subprocess.CompletedProcess:
+    """qks-infer over `images` with `bundle` on ONNX Runtime's CPU, one thread, no progress bar (torch
+    blocked), plus `args`."""
+    return run_blocked("infer", [str(images), "--bundle", str(bundle), "--backend", "ort-cpu", "--no-progress",
+                                 "--threads", "1", *map(str, args)], timeout=timeout)
+
+
 def read_jsonl(path: Path) -> list[dict]:
     import json
 
@@ -125,5 +132,5 @@ def torch_probs(ckpt_path, pixels: np.ndarray, names: list[str]) -> np.ndarray:
 
 # Helpers only: the fixtures above are registered once, in conftest.py, so the session-scoped
 # bundle is exported once per test run (a star import of a fixture would re-register it per module).
-__all__ = ["BLOCK_TORCH", "PHOTOS", "manifest_json", "photo", "read_jsonl", "rewrite_manifest", "run_blocked",
+__all__ = ["BLOCK_TORCH", "PHOTOS", "manifest_json", "photo", "qks_infer", "read_jsonl", "rewrite_manifest", "run_blocked",
            "torch_probs"]

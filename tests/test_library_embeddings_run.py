@@ -5,8 +5,6 @@ again and give the rows of a full run; an old bundle without the output is refus
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,9 +14,7 @@ from runtime_fixtures import *  # noqa: F403
 
 
 def _qks_infer(library, bundle, *args):
-    return subprocess.run([sys.executable, "-c", "from qks.runtime.cli import infer_main; infer_main()", str(library),
-                           "--bundle", str(bundle), "--backend", "ort-cpu", "--no-progress", "--threads", "1",
-                           "--batch-size", "2", *map(str, args)], capture_output=True, text=True, timeout=300)
+    return qks_infer(library, bundle, "--batch-size", "2", *args)  # noqa: F405
 
 
 @pytest.fixture

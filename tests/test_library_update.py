@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 from PIL import Image
@@ -152,23 +150,20 @@ def test_update_refuses_other_settings_and_needs_out(runtime_bundle, library, tm
 def test_cli_update_and_its_errors(runtime_bundle, library, tmp_path):
     out = tmp_path / "tags.csv"
 
-    def qks_infer(*args):
-        return subprocess.run([sys.executable, "-c", "from qks.runtime.cli import infer_main; infer_main()",
-                               str(library), "--bundle", str(runtime_bundle), "--backend", "ort-cpu",
-                               "--no-progress", "--threads", "1", *map(str, args)],
-                              capture_output=True, text=True, timeout=300)
+    def run(*args):
+        return qks_infer(library, runtime_bundle, *args)  # noqa: F405
 
-    first = qks_infer("--out", out, "--exclude", "*.webp")
+    first = run("--out", out, "--exclude", "*.webp")
     assert first.returncode == 1, first.stderr  # the broken image is an error record
     Image.new("RGB", (32, 32), (0, 0, 255)).save(library / "blue.png")
-    res = qks_infer("--out", out, "--exclude", "*.webp", "--update")
+    res = run("--out", out, "--exclude", "*.webp", "--update")
     assert res.returncode == 1 and "2 images tagged (1 errors, 4 unchanged, 0 removed)" in res.stderr, res.stderr
     assert "blue.png" in out.read_text()
     for args, msg in ((["--out", out], "exists: pass --resume to continue it, --update to tag what changed"),
                       (["--update"], "--update needs --out FILE"),
                       (["--out", out, "--checksum"], "--checksum goes with --update"),
                       (["--out", out, "--update", "--xmp", "--all-scores"], "cannot be combined with --all-scores")):
-        res = qks_infer(*args)
+        res = run(*args)
         assert res.returncode == 2 and res.stderr.count("\n") == 1 and msg in res.stderr, res.stderr
         assert "Traceback" not in res.stderr
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 
 import pytest
 from PIL import Image
@@ -29,9 +28,7 @@ def _as_list(v) -> list:
 
 
 def _qks_infer(library, bundle, *args):
-    return subprocess.run([sys.executable, "-c", "from qks.runtime.cli import infer_main; infer_main()", str(library),
-                           "--bundle", str(bundle), "--backend", "ort-cpu", "--no-progress", "--threads", "1",
-                           "--top-k", "2", *map(str, args)], capture_output=True, text=True, timeout=300)
+    return qks_infer(library, bundle, "--top-k", "2", *args)  # noqa: F405
 
 
 @pytest.fixture
