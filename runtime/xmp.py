@@ -26,6 +26,7 @@ import contextlib
 import io
 import os
 import secrets
+import threading
 from pathlib import Path
 
 QKS_NS = "http://ns.qks.dev/xmp/1.0/"
@@ -37,6 +38,7 @@ _OWN, _ROOT, _MODEL, _HASH = (f"Xmp.{QKS_PREFIX}.{k}" for k in ("keywords", "roo
 
 _exiv2 = None  # pyexiv2, imported and set up once
 _EMPTY: bytes | None = None  # a new sidecar's starting packet
+_EXIV2_LOCK = threading.Lock()  # pyexiv2 collects exiv2's messages in one global buffer: one call at a time
 
 
 class XmpError(ValueError):
@@ -79,23 +81,8 @@ def write_sidecar(image, keywords: list[str], *, model: str, bundle_sha256: str,
     target = Path(os.path.realpath(target))  # a linked sidecar is updated where it lives
     old = _read_existing(target)
     pyexiv2 = check_available()
-    meta = None
-    try:
-        meta = pyexiv2.ImageData(old if old is not None else _empty_packet(pyexiv2))
-        if meta.get_mime_type() != _XMP_MIME:
-            raise XmpError("existing sidecar is not an XMP file; left as it is")
-        # exiv2 mirrors a sidecar's XMP into Exif/IPTC on read and back on write, which re-adds
-        # deleted keywords and rewrites foreign dates: with both empty the XMP is written as parsed.
-        meta.clear_exif()
-        meta.clear_iptc()
-        meta.modify_xmp(_changes(meta.read_xmp(), [str(k) for k in keywords], model, bundle_sha256, root))
-        data = meta.get_bytes()
-    except RuntimeError as e:
-        what = "existing sidecar is unreadable (left as it is)" if meta is None else "cannot update sidecar"
-        raise XmpError(f"{what}: {_first_line(e)}") from None
-    finally:
-        if meta is not None:
-            meta.close()
+    with _EXIV2_LOCK:
+        data = _updated(pyexiv2, old, [str(k) for k in keywords], model, bundle_sha256, root)
     _replace(target, data)
     return sidecar_path(image, naming)
 
@@ -105,20 +92,43 @@ def read_keywords(sidecar) -> dict:
     data = _read_existing(Path(sidecar))
     if data is None:
         raise XmpError("sidecar not found")
-    try:
-        meta = check_available().ImageData(data)
-    except RuntimeError as e:
-        raise XmpError(f"sidecar is unreadable: {_first_line(e)}") from None
-    try:
-        xmp = meta.read_xmp()
-    finally:
-        meta.close()
+    pyexiv2 = check_available()
+    with _EXIV2_LOCK:
+        try:
+            meta = pyexiv2.ImageData(data)
+        except RuntimeError as e:
+            raise XmpError(f"sidecar is unreadable: {_first_line(e)}") from None
+        try:
+            xmp = meta.read_xmp()
+        finally:
+            meta.close()
     return {"subject": _as_list(xmp.get(_KEYWORDS)), "hierarchical": _as_list(xmp.get(_HIER)),
             "qks_keywords": _as_list(xmp.get(_OWN)), "model": xmp.get(_MODEL),
             "bundle_sha256": xmp.get(_HASH), "root": xmp.get(_ROOT)}
 
 
 # -- steps -----------------------------------------------------------------------------------------
+
+
+def _updated(pyexiv2, old: bytes | None, labels: list[str], model: str, bundle_sha256: str, root: str) -> bytes:
+    """The new sidecar's bytes: `old` (or an empty packet) with qks's fields replaced, through exiv2."""
+    meta = None
+    try:
+        meta = pyexiv2.ImageData(old if old is not None else _empty_packet(pyexiv2))
+        if meta.get_mime_type() != _XMP_MIME:
+            raise XmpError("existing sidecar is not an XMP file; left as it is")
+        # exiv2 mirrors a sidecar's XMP into Exif/IPTC on read and back on write, which re-adds
+        # deleted keywords and rewrites foreign dates: with both empty the XMP is written as parsed.
+        meta.clear_exif()
+        meta.clear_iptc()
+        meta.modify_xmp(_changes(meta.read_xmp(), labels, model, bundle_sha256, root))
+        return meta.get_bytes()
+    except RuntimeError as e:
+        what = "existing sidecar is unreadable (left as it is)" if meta is None else "cannot update sidecar"
+        raise XmpError(f"{what}: {_first_line(e)}") from None
+    finally:
+        if meta is not None:
+            meta.close()
 
 
 def _changes(xmp: dict, labels: list[str], model: str, bundle_sha256: str, root: str) -> dict:

@@ -232,3 +232,16 @@ def test_without_pyexiv2_the_error_names_the_fix(image):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == "XMP sidecars need pyexiv2: pip install 'qks[library]'", r.stderr
     assert not sidecar_path(image).exists()
+
+
+def test_threads_may_write_sidecars_at_once(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    images = []
+    for i in range(24):
+        images.append(tmp_path / f"{i}.jpg")
+        Image.new("RGB", (4, 4)).save(images[-1])
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda i: write_sidecar(images[i], [f"label{i}", "cat"], model="m", bundle_sha256=SHA),
+                      range(len(images))))
+    assert [read_keywords(sidecar_path(p))["subject"] for p in images] == [[f"label{i}", "cat"] for i in range(24)]
