@@ -145,6 +145,9 @@ def summary(fitted, doc: dict, kept: int, skipped: int, extra: set[str], path: P
     if fallback:
         whys = sorted({r["why"] for r in fitted.per_label if r["fallback"]})
         lines.append(f"global threshold for {len(fallback)} label(s) ({'; '.join(whys)}): {_listing(fallback)}")
+    raised = [r["name"] for r in fitted.per_label if "raised_from" in r]
+    if raised:
+        lines.append(f"--floor-at-global raised {len(raised)} fitted threshold(s) to the global one: {_listing(raised)}")
     if extra:
         lines.append(f"{len(extra)} label(s) of the data are not in the bank and were ignored: {_listing(sorted(extra))}")
     lines.append(f"thresholds stored in {path}" if path else "--dry-run: nothing stored")
@@ -165,6 +168,9 @@ def summary(fitted, doc: dict, kept: int, skipped: int, extra: set[str], path: P
               help="f1: the F1-optimal threshold per label; precision=P: the lowest threshold reaching precision P.")
 @click.option("--min-positives", type=click.IntRange(1), default=DEFAULT_MIN_POSITIVES, show_default=True,
               help="Labels with fewer positives in the sample use the global threshold (best for the whole sample).")
+@click.option("--floor-at-global", is_flag=True,
+              help="No label's threshold below the global one (labels the model cannot rank otherwise fit low "
+                   "thresholds that tag nearly every image; see benchmarks/RESULTS.md).")
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
               help="Image graph precision; calibrate with the one you tag with.")
@@ -175,8 +181,8 @@ def summary(fitted, doc: dict, kept: int, skipped: int, extra: set[str], path: P
 @click.option("--dry-run", is_flag=True, help="Fit and report, store nothing.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the bundle's files.")
-def _calibrate(bundle_dir, data, bank, labels, name, target_text, min_positives, backend, precision, batch_size, workers,
-               threads, skip_bad, dry_run, no_progress, no_verify):
+def _calibrate(bundle_dir, data, bank, labels, name, target_text, min_positives, floor_at_global, backend, precision,
+               batch_size, workers, threads, skip_bad, dry_run, no_progress, no_verify):
     """Fit one threshold per label of a label bank on a labelled sample and store them with the bank."""
     _one_line_warnings(PROG)
     try:
@@ -204,8 +210,9 @@ def _calibrate(bundle_dir, data, bank, labels, name, target_text, min_positives,
             t0 = time.perf_counter()
             probs, kept, problems = score_samples(engine, label_bank, bundle, samples, batch_size, workers,
                                                   not no_progress)
-        fitted = fit(probs, targets[kept], label_bank.names, target, min_positives)
+        fitted = fit(probs, targets[kept], label_bank.names, target, min_positives, floor_at_global)
         doc = document(fitted, bank=name, bank_key=label_bank.key, target=target, min_positives=min_positives,
+                       floor_at_global=floor_at_global,
                        data={"file": data.name, "sha256": sha256_file(data), "images": len(kept),
                              "skipped": len(problems) + len(bad_lines), "seconds": round(time.perf_counter() - t0, 1)},
                        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))

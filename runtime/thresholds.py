@@ -7,15 +7,18 @@ A threshold is placed halfway between the lowest kept and the highest dropped pr
 sample's selection is exactly the chosen one, with a margin on both sides). A label with fewer than
 `min_positives` positives (or whose precision target no threshold reaches) falls back to the global
 rule: the one threshold that is best for the whole sample pooled over every label (micro F1, or the
-lowest reaching micro precision P; F1 when no global threshold reaches P).
+lowest reaching micro precision P; F1 when no global threshold reaches P). With `floor_at_global`, no
+label's threshold is below the global one (a label the model cannot rank has its best F1 on a small
+sample at "tag nearly everything": measured in benchmarks/RESULTS.md, "Per-label thresholds").
 
 The file (JSON, read by runtime/bundle.py and cpp/src/bundle.cpp) is hashed in the manifest's
 "files" and named by the bank's "thresholds_file":
 
     {"format": "qks-thresholds", "version": 1, "bank": name, "bank_key": the bank's key,
      "thresholds": [float, one per label, bank order], "rule": "f1" | "precision", "target": P | null,
-     "min_positives": N, "global_threshold": float, "fallback_labels": [names],
-     "labels": [{"name", "threshold", "positives", "negatives", "fallback", "precision", "recall", "f1"}],
+     "min_positives": N, "global_threshold": float, "floor": "global" | null, "fallback_labels": [names],
+     "labels": [{"name", "threshold", "positives", "negatives", "fallback", "precision", "recall", "f1"}
+                (+ "why" for a fallback, "raised_from" for a threshold raised to the global one)],
      "data": {"file", "sha256", "images", "skipped"}, "created": ISO-8601 UTC}
 
 A bank whose key differs from "bank_key" (its labels or the label encoder changed) makes the bundle
@@ -124,7 +127,7 @@ def global_threshold(probs: np.ndarray, targets: np.ndarray, target: Target) -> 
 
 
 def fit(probs: np.ndarray, targets: np.ndarray, names: list[str], target: Target,
-        min_positives: int = DEFAULT_MIN_POSITIVES) -> Fit:
+        min_positives: int = DEFAULT_MIN_POSITIVES, floor_at_global: bool = False) -> Fit:
     """Per-label thresholds from probabilities [N, L] and targets [N, L] (+1 / -1 / 0 = not annotated)."""
     probs = np.asarray(probs, dtype=np.float32)
     targets = np.asarray(targets)
@@ -140,10 +143,15 @@ def fit(probs: np.ndarray, targets: np.ndarray, names: list[str], target: Target
         best = None
         if npos >= max(min_positives, 1):
             best = _best(*_cuts(scores, positive), npos, target)
+        raised = None
         if best is not None:
             out.thresholds[j] = best[0]
+            if floor_at_global and best[0] < g:
+                out.thresholds[j], raised = g, best[0]
         rec = {"name": name, "threshold": float(out.thresholds[j]), "positives": npos,
                "negatives": int(known.sum()) - npos, "fallback": best is None}
+        if raised is not None:
+            rec["raised_from"] = float(np.float32(raised))
         if best is None:
             rec["why"] = (f"fewer than {min_positives} positives" if npos < max(min_positives, 1)
                           else f"no threshold reaches {target}")
@@ -154,10 +162,11 @@ def fit(probs: np.ndarray, targets: np.ndarray, names: list[str], target: Target
 # -- the file ------------------------------------------------------------------------------------
 
 def document(fit_: Fit, *, bank: str, bank_key: str, target: Target, min_positives: int, data: dict,
-             created: str) -> dict:
+             created: str, floor_at_global: bool = False) -> dict:
     return {"format": FORMAT, "version": VERSION, "bank": bank, "bank_key": bank_key,
             "thresholds": [float(t) for t in fit_.thresholds], "rule": target.rule, "target": target.value,
             "min_positives": min_positives, "global_threshold": float(fit_.global_threshold),
+            "floor": "global" if floor_at_global else None,
             "fallback_labels": fit_.fallback_labels, "labels": fit_.per_label, "data": data, "created": created}
 
 

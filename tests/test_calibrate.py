@@ -71,6 +71,20 @@ def test_few_positives_and_unreachable_precision_fall_back_to_the_global_thresho
     assert "many" in f.fallback_labels and f.per_label[0]["why"] == "no threshold reaches precision=1"
 
 
+def test_floor_at_global_raises_low_thresholds_only():
+    rng = np.random.default_rng(2)
+    targets = np.where(rng.random((300, 4)) < 0.1, 1, -1).astype(np.int8)
+    probs = rng.random((300, 4)).astype(np.float32)  # no signal: F1-optimal cuts keep nearly everything
+    targets[:, 0] = np.where(np.arange(300) % 2, 1, -1)  # ... but one label the model separates well
+    probs[:, 0] = np.where(targets[:, 0] > 0, 0.99, 0.01)  # (it sets the pooled, global threshold high)
+    plain = fit(probs, targets, list("abcd"), Target("f1"))
+    floored = fit(probs, targets, list("abcd"), Target("f1"), floor_at_global=True)
+    g = np.float32(floored.global_threshold)
+    assert np.array_equal(floored.thresholds, np.maximum(plain.thresholds, g))
+    raised = [r for r in floored.per_label if "raised_from" in r]
+    assert raised and all(r["raised_from"] < r["threshold"] == g for r in raised)
+
+
 def test_unknown_targets_are_not_counted():
     probs = np.array([[0.9], [0.8], [0.1]], dtype=np.float32)
     targets = np.array([[1], [0], [-1]], dtype=np.int8)  # 0: not annotated
