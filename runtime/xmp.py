@@ -17,7 +17,8 @@ Writing goes through exiv2 (pyexiv2) in memory, never hand-written XML: the exis
 (or, for a new one, a packet that exiv2 itself serialises) are opened as an XMP sidecar, changed,
 and written to a temp file in the same folder that `os.replace` moves over the sidecar; so a failure
 leaves the old sidecar as it was, and a corrupt sidecar is reported, never overwritten. The image
-itself is never opened. Errors are `XmpError` with a one-line reason.
+itself is never opened. Errors are `XmpError` with a one-line reason. Threads may call it at once
+(exiv2's part runs under a lock); two writers of the same sidecar are not coordinated.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def sidecar_path(image, naming: str = "ext") -> Path:
         return image.with_name(image.name + ".xmp")
     if naming == "base":
         return image.with_suffix(".xmp")
-    raise XmpError(f"unknown sidecar naming {naming!r} (ext or base)")
+    raise XmpError(f"unknown sidecar naming {naming!r} ({' or '.join(NAMINGS)})")
 
 
 def write_sidecar(image, keywords: list[str], *, model: str, bundle_sha256: str, root: str = "qks|label",
