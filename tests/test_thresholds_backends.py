@@ -223,3 +223,37 @@ def test_triton_python_model_selects_with_the_stored_thresholds(calibrated, phot
                 (n for n, _ in select(probs[i], names, None, thr)), key=names.index)
     finally:
         model.close()
+
+
+def _rewrite_thresholds(bundle: Path, edit) -> None:
+    """Edit the stored thresholds document and re-hash it (so only the content check can refuse it)."""
+    from qks.runtime.manifest import file_record
+    from runtime_fixtures import rewrite_manifest
+
+    rel = "labels/default.thresholds.json"
+    doc = json.loads((bundle / rel).read_text())
+    edit(doc)
+    (bundle / rel).write_text(json.dumps(doc) + "\n")
+    rewrite_manifest(bundle, lambda m: m["files"].__setitem__(rel, file_record(bundle, rel)))
+
+
+@cpp_only
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.update(bank_key="0" * 64), "fitted for another version of the bank"),
+    (lambda d: d["thresholds"].pop(), "needs 5 thresholds (one per label), has 4"),
+    (lambda d: d["thresholds"].__setitem__(1, 1.5), "every threshold must be a number in [0, 1]"),
+    (lambda d: d.update(format="other"), "not a qks-thresholds version 1 file"),
+], ids=["stale-key", "count", "range", "format"])
+def test_bad_thresholds_are_refused_in_the_same_words(calibrated, photo_dir, tmp_path, edit, message):
+    import shutil
+
+    from qks.runtime.manifest import BundleError
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(calibrated[0], bundle)
+    _rewrite_thresholds(bundle, edit)
+    with pytest.raises(BundleError) as e:
+        Bundle.load(bundle)
+    assert message in str(e.value)
+    res = run_tool(BUILD, "qks-tag", [photo_dir, "--bundle", bundle, "--threads", "1"])
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1] == f"qks-tag: error: {e.value}"
