@@ -183,6 +183,26 @@ void Bundle::check_files(bool verify) {
     }
 }
 
+// The optional "embedding" record: its output counts only when every image graph lists it (as the
+// Python runtime decides), so the precision picked never decides whether embeddings work.
+void Bundle::check_embedding() {
+    const json& m = manifest;
+    if (!m.contains("embedding") || !m["embedding"].is_object()) return;
+    const json& rec = m["embedding"];
+    if (!rec.contains("output") || !rec["output"].is_string()) return;
+    const std::string name = rec["output"].get<std::string>();
+    for (auto it = m["graphs"].begin(); it != m["graphs"].end(); ++it) {
+        if (it.key().rfind("image_encoder", 0) != 0) continue;
+        const json& outs = it.value().contains("outputs") ? it.value()["outputs"] : json();
+        bool listed = outs.is_array() && std::any_of(outs.begin(), outs.end(), [&](const json& o) {
+            return o.is_object() && o.contains("name") && o["name"] == name;
+        });
+        if (!listed) return;
+    }
+    embedding_output = name;
+    if (rec.contains("dim") && rec["dim"].is_number_integer()) embedding_dim = rec["dim"].get<long long>();
+}
+
 void Bundle::check_sections() {
     const json& m = manifest;
     for (const char* key : {"model", "preprocess", "graphs"})
@@ -235,6 +255,7 @@ void Bundle::check_sections() {
     }
     if (!graph("image_encoder") && !graph("image_encoder_fp16"))
         fail("bundle has no image encoder graph (image_encoder or image_encoder_fp16)");
+    check_embedding();
     for (const char* section : {"tokenizer", "prompts"}) {
         if (!m.contains(section) || m[section].is_null()) continue;
         const json& rec = m[section];

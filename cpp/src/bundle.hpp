@@ -49,6 +49,10 @@ public:
     std::vector<GraphInfo> graphs;
     std::vector<BankInfo> banks;
     long long embed_dim = -1;  // -1: not in the manifest
+    // The image graphs' embedding output (manifest "embedding", listed by every image graph), as
+    // Bundle.embedding_output: "" for a bundle exported before embeddings.
+    std::string embedding_output;
+    long long embedding_dim = -1;
     std::string scoring_mode = "max";
     int scoring_k = 1;
 
@@ -64,6 +68,7 @@ private:
     std::string listed(const std::string& rel, const std::string& what) const;
     void check_files(bool verify);
     void check_sections();
+    void check_embedding();
     BankInfo check_bank(const std::string& name, const nlohmann::ordered_json& rec);
 };
 

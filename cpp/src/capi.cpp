@@ -93,6 +93,12 @@ const char* qks_label_name(const qks_tagger* t, size_t i) {
 size_t qks_queries(const qks_tagger* t) { return t && t->tagger.queries() > 0 ? static_cast<size_t>(t->tagger.queries()) : 0; }
 size_t qks_dim(const qks_tagger* t) { return t && t->tagger.dim() > 0 ? static_cast<size_t>(t->tagger.dim()) : 0; }
 size_t qks_image_size(const qks_tagger* t) { return t ? static_cast<size_t>(t->tagger.image_size()) : 0; }
+size_t qks_embedding_dim(const qks_tagger* t) { return t ? static_cast<size_t>(t->tagger.embedding_dim()) : 0; }
+
+qks_status qks_require_embedding(const qks_tagger* t) {
+    if (!t) return set_error(QKS_ERROR_ARGUMENT, "qks_require_embedding: NULL tagger");
+    return guarded([&] { t->tagger.require_embedding(); });
+}
 
 qks_status qks_tag_files(qks_tagger* t, const char* const* paths, size_t count, qks_results** out) {
     if (!out) return set_error(QKS_ERROR_ARGUMENT, "qks_tag_files: out is NULL");
@@ -149,6 +155,11 @@ const float* qks_results_probabilities(const qks_results* r, size_t i) {
 
 const float* qks_results_query_features(const qks_results* r, size_t i) {
     return r && i < r->items.size() && r->items[i].ok() ? r->items[i].query_features.data() : nullptr;
+}
+
+const float* qks_results_embedding(const qks_results* r, size_t i) {
+    return r && i < r->items.size() && r->items[i].ok() && !r->items[i].embedding.empty() ? r->items[i].embedding.data()
+                                                                                          : nullptr;
 }
 
 size_t qks_results_select(const qks_results* r, size_t i, int top_k, double threshold, size_t* idx, size_t capacity) {

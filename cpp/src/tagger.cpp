@@ -24,7 +24,7 @@ struct Tagger::Impl {
     const detail::GraphInfo* graph = nullptr;
     std::unique_ptr<detail::Engine> engine;
     std::string ort_version;
-    int queries = -1, dim = -1;
+    int queries = -1, dim = -1, embedding_dim = 0;
 };
 
 namespace {
@@ -63,7 +63,9 @@ Tagger::Tagger(const std::string& bundle_dir, const Options& options) : impl_(st
     detail::OrtRuntime& rt = detail::ort_runtime(options.ort_library);
     m.ort_version = rt.version;
     const bool fp16 = m.graph->precision == "fp16" || (m.graph->name.size() >= 4 && m.graph->name.substr(m.graph->name.size() - 4) == "fp16");
-    m.engine = std::make_unique<detail::Engine>(rt, m.graph->path, m.graph->file, options.threads, fp16);
+    m.engine = std::make_unique<detail::Engine>(rt, m.graph->path, m.graph->file, options.threads, fp16,
+                                                m.bundle.embedding_output);
+    m.embedding_dim = m.engine->embedding_dim() > 0 ? static_cast<int>(m.engine->embedding_dim()) : 0;
     if (!options.labels_file.empty()) {
         detail::LabelList list = detail::read_label_file(options.labels_file);
         m.bank = detail::bank_for_labels(m.bundle, list.names, options.labels_file);
@@ -91,6 +93,13 @@ int Tagger::image_size() const { return impl_->bundle.preprocess.size; }
 std::string Tagger::graph() const { return impl_->graph->file; }
 std::string Tagger::bank_source() const { return impl_->bank.source; }
 std::string Tagger::ort_version() const { return impl_->ort_version; }
+int Tagger::embedding_dim() const { return impl_->embedding_dim; }
+
+void Tagger::require_embedding() const {
+    if (impl_->embedding_dim <= 0)
+        throw Error(Status::bundle, impl_->bundle.root + ": this bundle has no image embedding output (exported before "
+                                                         "embeddings); re-export it with qks-export");
+}
 
 Pixels Tagger::preprocess_file(const std::string& path) const {
     const detail::PreprocessConfig& cfg = impl_->bundle.preprocess;
@@ -127,7 +136,10 @@ std::vector<Result> Tagger::run(const std::vector<Pixels>& batch) {
         pixels.insert(pixels.end(), p.data.begin(), p.data.end());
     }
     std::vector<std::int64_t> dims;
-    std::vector<float> qf = m.engine->run(pixels, static_cast<std::int64_t>(batch.size()), size, dims);
+    std::vector<float> emb;
+    std::vector<float> qf = m.engine->run(pixels, static_cast<std::int64_t>(batch.size()), size, dims,
+                                          m.embedding_dim > 0 ? &emb : nullptr);
+    const std::size_t e = static_cast<std::size_t>(m.embedding_dim);
     const std::size_t nq = static_cast<std::size_t>(dims[1]), d = static_cast<std::size_t>(dims[2]);
     if (d != m.bank.cols)
         throw Error(Status::runtime, "query features [" + std::to_string(dims[0]) + ", " + std::to_string(nq) + ", " + std::to_string(d) +
@@ -144,6 +156,8 @@ std::vector<Result> Tagger::run(const std::vector<Pixels>& batch) {
             continue;
         }
         r.query_features.assign(q, q + nq * d);
+        if (e > 0) r.embedding.assign(emb.begin() + static_cast<std::ptrdiff_t>(i * e),
+                                      emb.begin() + static_cast<std::ptrdiff_t>((i + 1) * e));
         r.probabilities.resize(lg.size());
         std::transform(lg.begin(), lg.end(), r.probabilities.begin(), detail::sigmoid);
     }

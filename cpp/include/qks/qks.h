@@ -72,6 +72,12 @@ QKS_C_API const float* qks_label_thresholds(const qks_tagger* tagger);
 QKS_C_API size_t qks_queries(const qks_tagger* tagger);   /* Nq of the query features */
 QKS_C_API size_t qks_dim(const qks_tagger* tagger);       /* D of the query features */
 QKS_C_API size_t qks_image_size(const qks_tagger* tagger); /* the image graph's input H = W */
+/* The image embedding's size (the graph's "embedding" output: the backbone's pooled image embedding,
+ * L2-normalised, for similarity search and near-duplicates); 0 for a bundle exported before embeddings. */
+QKS_C_API size_t qks_embedding_dim(const qks_tagger* tagger);
+/* QKS_OK when the tagger's bundle has the embedding output, else QKS_ERROR_BUNDLE with a message that
+ * names the bundle and says to re-export it with qks-export. */
+QKS_C_API qks_status qks_require_embedding(const qks_tagger* tagger);
 
 /* Tag image files in one engine batch; an image that cannot be decoded gets an error entry and
  * does not fail the call. */
@@ -91,6 +97,8 @@ QKS_C_API const char* qks_results_error(const qks_results* results, size_t index
 QKS_C_API const float* qks_results_probabilities(const qks_results* results, size_t index);
 /* qks_queries x qks_dim raw query features; NULL for an error entry. */
 QKS_C_API const float* qks_results_query_features(const qks_results* results, size_t index);
+/* qks_embedding_dim floats, L2-normalised; NULL for an error entry or a bundle without embeddings. */
+QKS_C_API const float* qks_results_embedding(const qks_results* results, size_t index);
 /* qks-infer's label choice, most probable first: an explicit threshold >= 0 for every label; else
  * the bank's per-label thresholds (qks_label_thresholds) when it has them; else 0.5 unless top_k > 0.
  * Of the labels that pass, the top_k most probable (top_k > 0). Writes up to `capacity` label

@@ -69,6 +69,7 @@ struct Result {
     std::string error;
     std::vector<float> probabilities;
     std::vector<float> query_features;
+    std::vector<float> embedding;  // the image embedding [embedding_dim()], L2-normalised; empty without one
     bool ok() const noexcept { return error.empty(); }
 };
 
@@ -97,6 +98,12 @@ public:
     std::string graph() const;       // the image graph file in use, e.g. "image_encoder.onnx"
     std::string bank_source() const; // "bundle:default", or "cache:<path>" for a --labels list
     std::string ort_version() const; // the ONNX Runtime that was loaded, e.g. "1.32.0"
+    // The image embedding (the graph's "embedding" output: the backbone's pooled image embedding,
+    // L2-normalised; similarity search, near-duplicates): its size, 0 for a bundle exported before
+    // embeddings. run/tag_* fill Result::embedding when it is not 0.
+    int embedding_dim() const;
+    // Throws Error(Status::bundle, "<bundle>: ... re-export it with qks-export") when embedding_dim() is 0.
+    void require_embedding() const;
 
     // Decode + preprocess (thread-safe, no engine): Error(Status::image, reason) if it cannot.
     // The run/tag_* calls below: one at a time per Tagger (one Tagger per thread).
