@@ -80,3 +80,15 @@ def test_update_rewrites_only_the_changed_images_sidecars(runtime_bundle, librar
     assert _as_list(_exiftool(library / "yellow.xmp")["XMP-dc:Subject"])
     res = _qks_infer(library, runtime_bundle, "--out", out, "--update")  # without --xmp: another setting
     assert res.returncode == 2 and "was written with xmp='base', this run has None" in res.stderr, res.stderr
+
+
+def test_a_file_name_that_is_not_utf8_gets_its_sidecar(runtime_bundle, library, tmp_path):
+    import os
+
+    raw = os.path.join(os.fsencode(library), b"caf\xe9.jpg")
+    with open(raw, "wb") as f:
+        f.write((library / "astronaut.jpg").read_bytes())
+    res = _qks_infer(library, runtime_bundle, "--out", tmp_path / "tags.jsonl", "--xmp")
+    assert res.returncode == 0, res.stderr
+    assert os.path.isfile(raw + b".xmp")
+    assert any(r["image"] == "caf\\xe9.jpg" for r in read_jsonl(tmp_path / "tags.jsonl"))  # noqa: F405
