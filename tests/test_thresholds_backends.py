@@ -257,3 +257,24 @@ def test_bad_thresholds_are_refused_in_the_same_words(calibrated, photo_dir, tmp
     assert message in str(e.value)
     res = run_tool(BUILD, "qks-tag", [photo_dir, "--bundle", bundle, "--threads", "1"])
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1] == f"qks-tag: error: {e.value}"
+
+
+@wired
+def test_qks_serve_records_use_the_stored_thresholds(calibrated, photo_dir):
+    """qks-serve's Service (RecordBuilder.records, the bundle's banks): the same selections."""
+    import asyncio
+
+    pytest.importorskip("fastapi")
+    from qks.serving.service import ServeConfig, Service, TagOptions
+
+    bundle, names, thr, scores = calibrated
+    service = Service(ServeConfig(bundle, backend="ort-cpu", threads=1, decode_workers=1))
+    images = sorted(scores)
+    try:
+        for top_k, threshold in ((None, None), (2, None), (None, 0.3)):
+            out = asyncio.run(service.tag([(i, (photo_dir / i).read_bytes()) for i in images],
+                                          TagOptions(top_k=top_k, threshold=threshold)))
+            got = {r["image"]: list(r["labels"]) for r in out["results"]}
+            assert got == expected(scores, names, top_k, threshold, thr)
+    finally:
+        service.close()
