@@ -27,18 +27,22 @@ wired = pytest.mark.skipif("thresholds_for" not in (ROOT / "runtime" / "infer.py
 @pytest.fixture(scope="module")
 def calibrated(runtime_bundle, photo_dir, tmp_path_factory):
     """A copy of the runtime bundle whose default bank has per-label thresholds, set between the photos'
-    probabilities (qks-tag --all-scores) so every label keeps some photos and drops others; and those
-    probabilities by image."""
+    probabilities (qks-infer's all-scores records, the ones qks-tag also decodes: not WebP) so every
+    label keeps some photos and drops others; and those probabilities by image."""
     import shutil
 
-    if skip_reason() is not None:
-        pytest.skip(skip_reason())
+    from qks.runtime.backend import select_backend
+    from qks.runtime.infer import RecordBuilder, decode_image
+    from qks.runtime.labels import LabelBank
+
     bundle = tmp_path_factory.mktemp("calibrated") / "bundle"
     shutil.copytree(runtime_bundle, bundle, ignore=shutil.ignore_patterns("cache"))
-    out = bundle.parent / "all.jsonl"
-    run_tool(BUILD, "qks-tag", [photo_dir, "--bundle", bundle, "--threads", "1", "--all-scores", "--out", out])
-    scores = {r["image"]: r["scores"] for r in read_jsonl(out) if "scores" in r}
     b = Bundle.load(bundle)
+    engine, _ = select_backend(b, "ort-cpu", threads=1, precision="fp32")
+    with engine:
+        build = RecordBuilder(engine, LabelBank.from_bundle(b), b.scoring, all_scores=True)
+        images = ["astronaut.jpg", "sub/coffee.png", "sub/deeper/chelsea.JPG", "sub/camera_gray.png"]
+        scores = {r["image"]: r["scores"] for r in build([decode_image(photo_dir, i, b.preprocess) for i in images])}
     names = (bundle / "labels" / "default.txt").read_text().splitlines()
     probs = np.array([[s[n] for n in names] for s in scores.values()], dtype=np.float32)
     # halfway between two photos' probabilities (records round them to 7 digits): some pass, some not
@@ -73,7 +77,7 @@ def test_qks_tag_selects_with_the_stored_thresholds(calibrated, photo_dir, tmp_p
     assert ("per-label thresholds of the bank" in res.stderr) == (threshold is None)
     got = {r["image"]: list(r["labels"]) for r in read_jsonl(tmp_path / "o.jsonl") if "labels" in r}
     want = expected(scores, names, top_k, threshold, thr)
-    assert got == want
+    assert got == want  # every photo qks-tag decodes (not rocket.webp), each with Python's selection
     if threshold is None:  # the per-label thresholds select: neither every label nor none
         assert any(0 < len(v) < len(names) for v in got.values())
 
