@@ -12,8 +12,9 @@ are made as a photo library gets them: JPEG re-encodes (quality 75 and 50), cent
   originals, copies left out of their original's group.
 
     python -m benchmarks.near_duplicates --bundle BUNDLE --scenes /tmp/qks-scenes-nd [--test 400 --planted 60]
+    python -m benchmarks.near_duplicates --bundle BUNDLE --photos   # scikit-image's photos instead
 
-Writes benchmarks/results/near_duplicates.{json,md}.
+Writes benchmarks/results/near_duplicates.{json,md} (near_duplicates_photos.* with --photos).
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ import numpy as np
 from PIL import Image
 
 RESULTS = Path(__file__).resolve().parent / "results"
-THRESHOLDS = (0.85, 0.88, 0.90, 0.92, 0.94, 0.96)
+# scikit-image's photos (its "cat" is "chelsea" again, so it is left out)
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "hubble_deep_field",
+          "immunohistochemistry", "retina", "page", "horse")
+THRESHOLDS = (0.90, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98)
 
 
 def variants(img: Image.Image) -> dict[str, Image.Image]:
@@ -63,16 +67,24 @@ def embed(bundle, images: list[Image.Image], batch: int = 16) -> np.ndarray:
     return np.concatenate(rows)
 
 
-def measure(bundle_dir: Path, scenes_dir: Path, test: int, planted: int, seed: int) -> dict:
-    from qks.runtime.bundle import Bundle
-    from qks.runtime.vectors import NumpyIndex, connected_groups
-
+def scene_images(scenes_dir: Path, test: int, seed: int) -> list[Image.Image]:
     from benchmarks.scenes import SceneConfig, ensure
 
     ensure(scenes_dir, SceneConfig(train_scenes=0, test_scenes=test, seed=seed))
+    return [Image.open(f).convert("RGB") for f in sorted((scenes_dir / "images" / "test").glob("*.jpg"))[:test]]
+
+
+def photo_images() -> list[Image.Image]:
+    from skimage import data
+
+    return [Image.fromarray(getattr(data, name)()).convert("RGB") for name in PHOTOS]
+
+
+def measure(bundle_dir: Path, originals: list[Image.Image], planted: int, source: dict) -> dict:
+    from qks.runtime.bundle import Bundle
+    from qks.runtime.vectors import NumpyIndex, connected_groups
+
     bundle = Bundle.load(bundle_dir)
-    files = sorted((scenes_dir / "images" / "test").glob("*.jpg"))[:test]
-    originals = [Image.open(f).convert("RGB") for f in files]
     copies, owner, kinds = [], [], []
     for i, img in enumerate(originals[:planted]):
         for kind, im in variants(img).items():
@@ -108,18 +120,17 @@ def measure(bundle_dir: Path, scenes_dir: Path, test: int, planted: int, seed: i
             "copies": len(copies), "embed_seconds": round(seconds, 1), "copy_cosine": per_kind,
             "different_scenes": {"pairs": int(len(diff_cos)), "max": float(diff_cos.max()),
                                  "p99_9": float(np.percentile(diff_cos, 99.9)), "mean": float(diff_cos.mean())},
-            "sweep": sweep, "machine": {"cpu": platform.processor() or platform.machine()},
-            "scenes_config": {"seed": seed, "test_scenes": test}}
+            "sweep": sweep, "machine": {"cpu": platform.processor() or platform.machine()}, "images": source}
 
 
 def markdown(r: dict) -> str:
-    lines = [f"Near-duplicates: {r['backbone']} embedding ({r['embedding_dim']}-d), {r['scenes']} scenes, "
+    lines = [f"Near-duplicates: {r['backbone']} embedding ({r['embedding_dim']}-d), {r['scenes']} {r['images']['kind']}, "
              f"{r['copies']} planted copies of {r['planted_from']}", "",
              "| copy | min cosine | 5th pct | mean |", "|---|---|---|---|"]
     for kind, c in r["copy_cosine"].items():
         lines.append(f"| {kind} | {c['min']:.4f} | {c['p5']:.4f} | {c['mean']:.4f} |")
     d = r["different_scenes"]
-    lines += ["", f"Different scenes ({d['pairs']} pairs): max {d['max']:.4f}, 99.9th pct {d['p99_9']:.4f}, "
+    lines += ["", f"Different {r['images']['kind']} ({d['pairs']} pairs): max {d['max']:.4f}, 99.9th pct {d['p99_9']:.4f}, "
               f"mean {d['mean']:.4f}", "",
               "| threshold | copies found | different pairs above | groups | groups joining 2 originals | "
               "copies not with their original |", "|---|---|---|---|---|---|"]
@@ -136,9 +147,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test", type=int, default=400)
     p.add_argument("--planted", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=RESULTS / "near_duplicates")
+    p.add_argument("--photos", action="store_true", help="scikit-image's photos instead of scenes (all planted)")
+    p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
-    r = measure(a.bundle, a.scenes, a.test, a.planted, a.seed)
+    if a.photos:
+        originals, source = photo_images(), {"kind": "photos", "names": list(PHOTOS)}
+        a.planted = len(originals)
+    else:
+        originals = scene_images(a.scenes, a.test, a.seed)
+        source = {"kind": "scenes", "seed": a.seed, "test_scenes": a.test}
+    a.out = a.out or RESULTS / ("near_duplicates_photos" if a.photos else "near_duplicates")
+    r = measure(a.bundle, originals, a.planted, source)
     md = markdown(r)
     print(md)
     a.out.with_suffix(".json").write_text(json.dumps(r, indent=2) + "\n", encoding="utf-8")

@@ -4,7 +4,7 @@ qks-similar OUT.npy QUERY | --text "a dog on a beach" [--top-k 10]
     QUERY: an image of the index (its name as qks-infer wrote it), or any image file, embedded with the
     bundle (--bundle, default: the one the index was made with). --text embeds the text with the bundle's
     label graph (qks.runtime.bundle.Bundle.text_embedding_rule) into the same space.
-qks-dupes OUT.npy [--threshold 0.90]
+qks-dupes OUT.npy [--threshold 0.97]
     Groups of near-duplicates: connected components of the pairs with cosine >= threshold.
 
 Output: JSONL (default) or plain text. Errors: one line on stderr, exit 2; never a traceback.
@@ -27,12 +27,13 @@ from .manifest import BundleError
 from .preprocess import PreprocessError
 from .vectors import BACKENDS, VectorError, connected_groups, open_index
 
-# qks-dupes' default cosine threshold (benchmarks/near_duplicates.py; RESULTS.md, "Near-duplicates"). With
-# the lite backbone, JPEG re-encodes (q50), crops to 85-90 % and half-size copies of real photos stay at or
-# above 0.947 and different photos at or below 0.948; 0.95 finds 95.5 % of such copies of the scene images.
-# Its embedding is semantic: two scenes of the same object on another plain background reach 0.99+, which
-# no threshold separates from a copy. No CLIP weights are available offline to measure a CLIP tower.
-DUPES_THRESHOLD = 0.95
+# qks-dupes' default cosine threshold (benchmarks/near_duplicates.py; RESULTS.md, "Near-duplicates"), measured
+# with the lite backbone on scikit-image's photos: JPEG re-encodes (q50), crops to 85-90 % and half-size
+# copies stay at or above 0.98, different photos at or below 0.948, and from 0.97 up no group joins two
+# photos through a copy (at 0.95-0.96 one or two do). Its embedding is semantic: two scenes of the same
+# cut-out on another plain background reach 0.99+, which no threshold separates from a copy. No CLIP
+# weights are available offline to measure a CLIP tower.
+DUPES_THRESHOLD = 0.97
 _ERRORS = (BundleError, EmbeddingsError, EngineError, PreprocessError, VectorError, OSError)
 
 
