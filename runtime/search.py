@@ -13,7 +13,6 @@ Output: JSONL (default) or plain text. Errors: one line on stderr, exit 2; never
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
@@ -22,6 +21,7 @@ import numpy as np
 from ..engines.base import EngineError
 from .backend import BACKENDS as ENGINE_BACKENDS
 from .bundle import Bundle
+from .cli import _fail
 from .embeddings import EmbeddingsError, embeddings_meta, load_embeddings
 from .manifest import BundleError
 from .preprocess import PreprocessError
@@ -35,11 +35,6 @@ from .vectors import BACKENDS, VectorError, connected_groups, open_index
 # weights are available offline to measure a CLIP tower.
 DUPES_THRESHOLD = 0.97
 _ERRORS = (BundleError, EmbeddingsError, EngineError, PreprocessError, VectorError, OSError)
-
-
-def _fail(prog: str, msg: str, code: int = 2):
-    click.echo(f"{prog}: error: {msg}", err=True)
-    sys.exit(code)
 
 
 # -- queries --------------------------------------------------------------------------------------

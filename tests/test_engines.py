@@ -22,10 +22,11 @@ def test_ort_metadata(image_graph):
     with OrtEngine(image_graph, "cpu", intra_op_threads=1) as eng:
         assert eng.backend == "ort-cpu"
         (inp,) = eng.inputs
-        (out,) = eng.outputs
+        out, emb = eng.outputs  # query features first, then the image embedding (issue 22)
         assert isinstance(inp, TensorInfo) and inp.name == "pixels" and inp.dtype == "float32"
         assert not isinstance(inp.shape[0], int) and inp.shape[1:] == (3, 32, 32)
         assert out.name == "query_features" and out.dtype == "float32" and out.shape[1:] == (4, 32)
+        assert emb.name == "embedding" and emb.dtype == "float32" and emb.shape[1:] == (32,)
         assert "pixels float32" in eng.describe()
 
 

@@ -53,7 +53,8 @@ def test_configs_parse_with_tritonclient(repo, runtime_bundle):
     assert [(t.name, pb.DataType.Name(t.data_type), list(t.dims)) for t in img.input] == \
         [(g["inputs"][0]["name"], "TYPE_FP32", g["inputs"][0]["shape"][1:])]
     nq, d = g["outputs"][0]["shape"][1:]  # Nq from the graph's recorded output shape
-    assert [(t.name, list(t.dims)) for t in img.output] == [("query_features", [nq, d])]
+    (e,) = g["outputs"][1]["shape"][1:]  # the image embedding (issue 22) is served too
+    assert [(t.name, list(t.dims)) for t in img.output] == [("query_features", [nq, d]), ("embedding", [e])]
     assert img.HasField("dynamic_batching") and img.dynamic_batching.max_queue_delay_microseconds > 0
     assert not img.instance_group  # onnxruntime: Triton picks GPU if it has one
     assert (repo / "qks_image" / "1" / "model.onnx").read_bytes() == (runtime_bundle / g["file"]).read_bytes()
