@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import platform
 import time
 from pathlib import Path
@@ -141,6 +140,8 @@ def markdown(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from benchmarks.vector_search import write_results
+
     p = argparse.ArgumentParser(prog="python -m benchmarks.near_duplicates", description=__doc__.split("\n\n")[0])
     p.add_argument("--bundle", type=Path, required=True)
     p.add_argument("--scenes", type=Path, default=Path("/tmp/qks-scenes-nd"))
@@ -158,10 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         source = {"kind": "scenes", "seed": a.seed, "test_scenes": a.test}
     a.out = a.out or RESULTS / ("near_duplicates_photos" if a.photos else "near_duplicates")
     r = measure(a.bundle, originals, a.planted, source)
-    md = markdown(r)
-    print(md)
-    a.out.with_suffix(".json").write_text(json.dumps(r, indent=2) + "\n", encoding="utf-8")
-    a.out.with_suffix(".md").write_text(md, encoding="utf-8")
+    write_results(a.out, r, markdown(r))
     return 0
 
 

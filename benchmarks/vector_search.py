@@ -175,11 +175,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"N={n}: dupes", flush=True)
         r["sizes"][str(n)] = {"similar": sim, "dupes": bench_dupes(x, planted)}
     r["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    md = markdown(r)
-    print(md)
-    a.out.with_suffix(".json").write_text(json.dumps(r, indent=2) + "\n", encoding="utf-8")
-    a.out.with_suffix(".md").write_text(md, encoding="utf-8")
+    write_results(a.out, r, markdown(r))
     return 0
+
+
+def write_results(out: Path, result: dict, md: str) -> None:
+    """Print the table and write OUT.json (the numbers) and OUT.md (the table)."""
+    print(md)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    out.with_suffix(".md").write_text(md, encoding="utf-8")
 
 
 if __name__ == "__main__":  # pragma: no cover
