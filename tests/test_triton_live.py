@@ -144,6 +144,8 @@ def test_probabilities_equal_qks_infer_at_batch_1_and_8(server, runtime_bundle, 
         probs, logits = res.as_numpy("probabilities"), res.as_numpy("logits")
         assert probs.dtype == logits.dtype == np.float32 and probs.shape == logits.shape == (len(batch), 5)
         np.testing.assert_allclose(1 / (1 + np.exp(-logits.astype(np.float64))), probs, rtol=0, atol=1e-6)
+        # `selected`: p >= the label's threshold (a bank without qks-calibrate's thresholds: 0.5 each)
+        assert np.array_equal(res.as_numpy("selected"), probs >= np.float32(0.5))
         return probs
 
     want = np.stack([expected[f] for f in files])
