@@ -8,12 +8,13 @@ containers), holds three models (NAME defaults to `qks`):
       NAME_image/              pixels [B,3,H,W] -> query_features [B,Nq,D]
         config.pbtxt           platform onnxruntime_onnx (or tensorrt_plan), dynamic batching
         1/model.onnx           the bundle's image graph (+ its external data), or 1/model.plan
-      NAME_scoring/            query_features [B,Nq,D] -> probabilities, logits [B,L]
+      NAME_scoring/            query_features [B,Nq,D] -> probabilities, logits [B,L], selected (BOOL
+                               [B,L]: p >= the label's threshold, qks-calibrate's or 0.5)
         config.pbtxt           platform onnxruntime_onnx; probabilities carry label_filename
         labels.txt             the label names, one a line (Triton's classification extension)
         1/model.onnx           a small ONNX graph holding the label bank: MatMul, max (or top-k
                                sum) over the queries, Sigmoid -- what qks-infer computes
-      NAME/                    platform ensemble: pixels -> probabilities (and logits)
+      NAME/                    platform ensemble: pixels -> probabilities (and logits, selected)
         config.pbtxt
         1/                     (empty: Triton needs a version folder)
 
