@@ -15,7 +15,8 @@ Inputs (each request gives exactly one of them, batch first):
 - `image` BYTES [B, 1]: encoded image files (JPEG, PNG, WebP, ...), decoded and preprocessed here
   exactly as `qks-infer` does, so clients need no preprocessing code.
 Outputs: `probabilities` and `logits` FP32 [B, L] -- `qks-infer`'s numbers: the image graph, max
-(or top-k sum) over the query tokens of the dot products with the bank, sigmoid.
+(or top-k sum) over the query tokens of the dot products with the bank, sigmoid; and `selected` BOOL
+[B, L]: p >= the label's threshold (the spec's "selection": qks-calibrate's per label, else 0.5 each).
 
 The requests of one `execute` call (Triton's dynamic batcher groups them) run as one engine batch;
 encoded images are decoded in a small thread pool. A request that cannot be served (an image that
