@@ -18,9 +18,11 @@ thresholds were stored, 2 when the run could not start or finish, 130 when inter
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -34,8 +36,8 @@ from .backend import BACKENDS, PRECISIONS, select_backend
 from .bundle import Bundle
 from .cli import _fail, _main, _one_line_warnings
 from .infer import decode_image
-from .labels import LabelBank, LabelError, _atomic_save, read_label_file, save_bank
-from .manifest import BundleError, file_record, sha256_file, write_manifest
+from .labels import LabelBank, LabelError, LabelWarning, _atomic_save, read_label_file, save_bank
+from .manifest import BundleError, file_record, read_manifest, resolve, sha256_file, write_manifest
 from .preprocess import PreprocessError
 from .scoring import logits, sigmoid
 from .thresholds import DEFAULT_MIN_POSITIVES, CalibrationError, Target, document, dumps, fit
@@ -117,6 +119,41 @@ def score_samples(engine, bank: LabelBank, bundle: Bundle, samples: list[Sample]
 
 # -- storing -------------------------------------------------------------------------------------
 
+def drop_stale_thresholds(bundle_dir: Path) -> list[str]:
+    """Remove thresholds fitted for another version of their bank (the one refusal of `Bundle.load` that
+    recalibrating is the fix for), so that qks-calibrate can load the bundle and fit new ones. Only a
+    readable file whose "bank_key" differs from its bank's key is dropped; returns those banks' names."""
+    m = read_manifest(bundle_dir)
+    dropped = []
+    for name, rec in (m.get("label_banks") or {}).items():
+        rel = rec.get("thresholds_file") if isinstance(rec, dict) else None
+        if not isinstance(rel, str):
+            continue
+        try:
+            doc = json.loads(resolve(bundle_dir, rel).read_text(encoding="utf-8"))
+        except (OSError, ValueError, BundleError):
+            continue
+        if isinstance(doc, dict) and "bank_key" in doc and doc["bank_key"] != rec.get("key"):
+            rec.pop("thresholds_file")
+            m.get("files", {}).pop(rel, None)
+            dropped.append(name)
+    if dropped:
+        write_manifest(bundle_dir, m)
+    return dropped
+
+
+def load_bundle(bundle_dir: Path, verify: bool) -> Bundle:
+    """Bundle.load, after dropping stale thresholds with a warning (the error says: rerun qks-calibrate)."""
+    try:
+        return Bundle.load(bundle_dir, verify=verify)
+    except BundleError as e:
+        if "fitted for another version of the bank" not in str(e):
+            raise
+    for name in drop_stale_thresholds(bundle_dir):
+        warnings.warn(f"label bank {name!r}: dropped the thresholds fitted for another version of it",
+                      LabelWarning, stacklevel=2)
+    return Bundle.load(bundle_dir, verify=verify)
+
 def store(bundle: Bundle, name: str, doc: dict) -> Path:
     """Write labels/NAME.thresholds.json and name it in the bank's manifest record (hashed in "files")."""
     rel = f"labels/{name}.thresholds.json"
@@ -194,7 +231,7 @@ def _calibrate(bundle_dir, data, bank, labels, name, target_text, min_positives,
         if name and not labels:
             raise LabelError("--name goes with --labels (to calibrate a stored bank, pass --bank NAME)")
         samples, bad_lines = read_samples(data, skip_bad)
-        bundle = Bundle.load(bundle_dir, verify=not no_verify)
+        bundle = load_bundle(bundle_dir, not no_verify)
         if labels:
             label_bank = LabelBank.for_labels(bundle, read_label_file(labels), threads=threads,
                                               progress=not no_progress)

@@ -193,6 +193,12 @@ def test_calibrate_stores_thresholds_with_the_bank(bundle_copy, labelled):
     rewrite_manifest(bundle_copy, lambda m: m["files"].__setitem__(rel, file_record(bundle_copy, rel)))
     with pytest.raises(BundleError, match="fitted for another version of the bank"):
         Bundle.load(bundle_copy)
+    # ... and rerunning qks-calibrate, as the error says, drops them (with a warning) and fits new ones
+    rc, err = calibrate("--bundle", bundle_copy, "--data", labelled / "sample.jsonl", "--min-positives", "2",
+                        "--no-progress", "--backend", "ort-cpu", "--threads", "1")
+    assert rc == 0, err
+    assert "warning: label bank 'default': dropped the thresholds fitted for another version of it" in err
+    assert Bundle.load(bundle_copy).banks["default"].thresholds is not None
 
 
 def test_precision_target_and_a_new_named_bank(bundle_copy, labelled, tmp_path, capsys):
