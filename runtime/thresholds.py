@@ -22,8 +22,8 @@ The file (JSON, read by runtime/bundle.py and cpp/src/bundle.cpp) is hashed in t
      "data": {"file", "sha256", "images", "skipped"}, "created": ISO-8601 UTC}
 
 A bank whose key differs from "bank_key" (its labels or the label encoder changed) makes the bundle
-refuse to load with a one-line error; `qks-labels --name` drops a bank's thresholds itself when it
-re-encodes the bank with another key.
+refuse to load with a one-line error (qks-calibrate drops such thresholds, with a warning, and fits new
+ones); `qks-labels --name` drops a bank's thresholds itself when it re-encodes the bank with another key.
 """
 
 from __future__ import annotations
