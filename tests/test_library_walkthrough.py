@@ -53,5 +53,6 @@ def test_walkthrough_passes_its_checks(lite_bundle, scenes, tmp_path, capsys):
                "--add", "2"])
     printed = capsys.readouterr().out
     assert rc == 0, printed
-    assert "6/6 planted copies grouped with their original; 0 groups join different photos" in printed
+    assert ("planted copies grouped with their original: reencoded 2/2, cropped 2/2, small 2/2; "
+            "0 groups join different photos") in printed
     assert "2 images tagged (0 errors, 12 unchanged, 0 removed)" in printed
