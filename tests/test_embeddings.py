@@ -79,6 +79,18 @@ def test_every_precision_matches_pytorch(full_bundle, tiny_checkpoint, precision
         assert (emb * ref).sum(axis=1).min() >= GATES[precision]
 
 
+def test_openvino_returns_the_embedding(full_bundle, tiny_checkpoint):
+    pytest.importorskip("openvino", reason="openvino is not installed (pip install 'qks[openvino]')")
+    from qks.runtime.backend import select_backend
+    from qks.runtime.bundle import Bundle
+
+    pixels = _pixels()
+    engine, _ = select_backend(Bundle.load(full_bundle), "openvino", precision="fp32")
+    with engine:
+        emb = engine.run({"pixels": pixels})["embedding"]
+    assert np.abs(emb - _torch_embedding(tiny_checkpoint, pixels)).max() <= 1e-4
+
+
 def test_zero_shot_bundle_image_and_text_embeddings(tiny_backbone, tmp_path):
     """A zero-shot bundle: its image embedding is open_clip's normalised encode_image, and a text lands
     in the same space through the label graph (the manifest's rule) as open_clip's normalised text."""
