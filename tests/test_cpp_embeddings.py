@@ -72,8 +72,42 @@ def test_old_bundle_is_a_status_and_one_line(old_bundle, images):
     assert tag.returncode == 0 and tag.stdout.count("\n") == 2, tag.stderr
 
 
+def _qks_tag_pair(build, bundle, folder, out):
+    """qks-tag --embeddings on `folder`; returns (run, names, vectors, index)."""
+    from qks.runtime.embeddings import load_embeddings
+
+    res = run_tool(build, "qks-tag", [folder, "--bundle", bundle, "--embeddings", out, "--out", out.with_suffix(".jsonl")],
+                   timeout=600)
+    return (res, *load_embeddings(out)) if res.returncode in (0, 1) else (res, None, None, None)
+
+
+def test_qks_tag_writes_the_pair_qks_similar_reads(runtime_bundle, images, tmp_path):
+    from qks.runtime.bundle import Bundle
+    from qks.runtime.embeddings import embeddings_meta
+
+    good, bad = images
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for p in [*good, bad]:
+        shutil.copy(p, folder / p.name)
+    res, names, vectors, index = _qks_tag_pair(BUILD, runtime_bundle, folder, tmp_path / "emb.npy")
+    assert res.returncode == 1, res.stderr  # the broken image is an error record and has no row
+    assert names == sorted(p.name for p in good)
+    ref = _python_embeddings(runtime_bundle, [folder / n for n in names])
+    assert np.abs(vectors - ref).max() <= 1e-5
+    assert index["bundle_sha256"] == embeddings_meta(Bundle.load(runtime_bundle))["bundle_sha256"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.json", "emb.jsonl", "emb.npy", "photos"]
+
+
+def test_qks_tag_refuses_embeddings_from_an_old_bundle(old_bundle, images, tmp_path):
+    good, _bad = images
+    res = run_tool(BUILD, "qks-tag", [good[0].parent, "--bundle", old_bundle, "--embeddings", tmp_path / "e.npy"])
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "re-export it with qks-export" in res.stderr
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.skipif(skip_reason(ASAN_BUILD) is not None, reason=skip_reason(ASAN_BUILD) or "")
-def test_sanitizer_build(runtime_bundle, old_bundle, images):
+def test_sanitizer_build(runtime_bundle, old_bundle, images, tmp_path):
     good, bad = images
     res = run_tool(ASAN_BUILD, "embed_image_c", [runtime_bundle, *good, bad], timeout=600)
     old = run_tool(ASAN_BUILD, "embed_image_c", [old_bundle, good[0]], timeout=600)
@@ -81,3 +115,6 @@ def test_sanitizer_build(runtime_bundle, old_bundle, images):
         assert_clean(r)
     _check(res, good, bad, _python_embeddings(runtime_bundle, good))
     assert old.returncode == 2 and "re-export it with qks-export" in old.stderr
+    tag, names, vectors, _index = _qks_tag_pair(ASAN_BUILD, runtime_bundle, good[0].parent, tmp_path / "emb.npy")
+    assert_clean(tag)
+    assert len(names) == len(vectors) > 0

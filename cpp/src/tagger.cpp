@@ -95,6 +95,16 @@ std::string Tagger::bank_source() const { return impl_->bank.source; }
 std::string Tagger::ort_version() const { return impl_->ort_version; }
 int Tagger::embedding_dim() const { return impl_->embedding_dim; }
 
+Tagger::EmbeddingSource Tagger::embedding_source() const {
+    const Bundle& b = impl_->bundle;
+    const detail::GraphInfo* g = b.graph("image_encoder");
+    for (const auto& other : b.graphs)  // as embeddings_meta: the fp32 graph, else the first image graph
+        if (!g && other.name.rfind("image_encoder", 0) == 0) g = &other;
+    const auto& model = b.manifest["model"];
+    return {b.root, g ? g->sha256 : "",
+            model.contains("backbone") && model["backbone"].is_string() ? model["backbone"].get<std::string>() : ""};
+}
+
 void Tagger::require_embedding() const {
     if (impl_->embedding_dim <= 0)
         throw Error(Status::bundle, impl_->bundle.root + ": this bundle has no image embedding output (exported before "

@@ -27,6 +27,7 @@
 #include "../src/text.hpp"
 #include "../src/thread_pool.hpp"
 #include "cli_args.hpp"
+#include "embeddings_file.hpp"
 #include "qks/qks.hpp"
 #include "qks/records.hpp"
 
@@ -64,6 +65,8 @@ const char* kHelp =
     "  --all-scores                    Write every label's probability: {\"image\", \"scores\"}.\n"
     "  -o, --out FILE                  Output file (default: stdout).\n"
     "  --overwrite                     Replace an existing --out.\n"
+    "  --embeddings FILE               Also write each image's L2-normalised embedding to this .npy (row\n"
+    "                                  order in the .json beside it), for qks-similar and qks-dupes.\n"
     "  --no-progress                   Accepted for qks-infer compatibility (qks-tag draws no bar).\n"
     "  --no-verify                     Skip the sha256 check of the bundle's files.\n"
     "  --ort-library PATH              libonnxruntime.so to load (default: $QKS_ORT_LIBRARY, else the\n"
@@ -88,7 +91,7 @@ struct Decoded {
 }  // namespace
 
 struct Config {
-    std::string images, bundle = "./bundle", out;
+    std::string images, bundle = "./bundle", out, embeddings;
     bool overwrite = false;
     int batch_size = 16, workers = 0;
     qks::Options options;
@@ -103,7 +106,7 @@ Config parse(int argc, char** argv) {
         {"--batch-size", "", false}, {"--workers", "", false},    {"--threads", "", false},     {"--top-k", "", false},
         {"--threshold", "", false},  {"--all-scores", "", true},  {"--out", "-o", false},       {"--overwrite", "", true},
         {"--no-progress", "", true}, {"--no-verify", "", true},   {"--ort-library", "", false}, {"--format", "", false},
-        {"--version", "", true},     {"--help", "-h", true},
+        {"--version", "", true},     {"--help", "-h", true},     {"--embeddings", "", false},
     };
     qks::cli::Args args(specs, argc, argv);
     if (args.has("--help")) {
@@ -157,6 +160,7 @@ Config parse(int argc, char** argv) {
     c.out = args.get("--out");
     if (c.out == "-") c.out.clear();
     c.overwrite = args.has("--overwrite");
+    c.embeddings = args.get("--embeddings");
     return c;
 }
 
@@ -175,6 +179,13 @@ int run(const Config& c) {
         tagger = std::make_unique<qks::Tagger>(c.bundle, c.options);
     } catch (const qks::Error& e) {
         fail(e.what());
+    }
+    if (!c.embeddings.empty()) {
+        try {
+            tagger->require_embedding();
+        } catch (const qks::Error& e) {
+            fail(e.what());
+        }
     }
     if (g_interrupted.load()) fail("interrupted", 130);
     std::fprintf(stderr, "%s: backend ort-cpu (%s%s, ONNX Runtime %s), labels %s (%zu)\n", kProg, tagger->graph().c_str(),
@@ -224,6 +235,8 @@ int run(const Config& c) {
     const std::string root = c.images;
     bool interrupted = false;
     std::string fatal;  // reported once the decode threads have stopped
+    std::vector<std::string> embedded;  // --embeddings: the names and rows of the tagged images
+    std::vector<float> rows;
     {
         qks::detail::ThreadPool pool(workers);
         std::deque<std::future<Decoded>> pending;
@@ -276,6 +289,10 @@ int run(const Config& c) {
                     r.error = items[i].error;
                 }
                 errors += r.ok() ? 0 : 1;
+                if (!c.embeddings.empty() && r.ok()) {
+                    embedded.push_back(items[i].name);
+                    rows.insert(rows.end(), r.embedding.begin(), r.embedding.end());
+                }
                 lines += qks::jsonl_record(items[i].name, r, tagger->labels(), record) + "\n";
             }
             if (std::fwrite(lines.data(), 1, lines.size(), out.f) != lines.size() || std::fflush(out.f) != 0) {
@@ -288,6 +305,14 @@ int run(const Config& c) {
     }
     if (!fatal.empty()) fail(fatal);
     if (interrupted || g_interrupted.load()) fail("interrupted (the output holds every finished batch)", 130);
+    if (!c.embeddings.empty()) {
+        try {
+            qks::tools::write_embeddings(c.embeddings, embedded, rows, static_cast<std::size_t>(tagger->embedding_dim()),
+                                         tagger->embedding_source(), c.images);
+        } catch (const qks::Error& e) {
+            fail(e.what());
+        }
+    }
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     std::fprintf(stderr, "%s: %zu images tagged (%zu errors, 0 already done) in %.1f s, %.1f images/s -> %s\n", kProg, written,
                  errors, secs, secs > 0 ? static_cast<double>(written) / secs : 0.0, c.out.empty() ? "stdout" : c.out.c_str());

@@ -104,6 +104,12 @@ public:
     int embedding_dim() const;
     // Throws Error(Status::bundle, "<bundle>: ... re-export it with qks-export") when embedding_dim() is 0.
     void require_embedding() const;
+    // What an embeddings index records about its vectors (qks.runtime.embeddings.embeddings_meta): the
+    // bundle folder, the fp32 image graph's sha256 (the identity two runs' vectors must share), the backbone.
+    struct EmbeddingSource {
+        std::string bundle, bundle_sha256, model;
+    };
+    EmbeddingSource embedding_source() const;
 
     // Decode + preprocess (thread-safe, no engine): Error(Status::image, reason) if it cannot.
     // The run/tag_* calls below: one at a time per Tagger (one Tagger per thread).
