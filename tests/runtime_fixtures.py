@@ -6,6 +6,7 @@ Fixtures are registered in conftest.py; test modules import the helpers with
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -110,6 +111,28 @@ def qks_infer(images, bundle, *args, timeout=300) -> subprocess.CompletedProcess
                                  "--threads", "1", *map(str, args)], timeout=timeout)
 
 
+def as_nobody(fn):
+    """fn()'s JSON-able result, computed in a forked child that first drops to the unprivileged user
+    `nobody` (tests run as root, who may read and write anything; the venv lives under /root, so a
+    fresh `nobody` process could not even start)."""
+    import json
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            if os.geteuid() == 0:
+                os.setgid(65534)
+                os.setuid(65534)
+            os.write(w, json.dumps(fn()).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    with os.fdopen(r) as f:
+        return json.loads(f.read() or "null")
+
+
 def read_jsonl(path: Path) -> list[dict]:
     import json
 
@@ -150,5 +173,5 @@ def torch_probs(ckpt_path, pixels: np.ndarray, names: list[str]) -> np.ndarray:
 
 # Helpers only: the fixtures above are registered once, in conftest.py, so the session-scoped
 # bundle is exported once per test run (a star import of a fixture would re-register it per module).
-__all__ = ["BLOCK_TORCH", "PHOTOS", "manifest_json", "photo", "qks_infer", "read_jsonl", "rewrite_manifest", "run_blocked",
+__all__ = ["BLOCK_TORCH", "PHOTOS", "as_nobody", "manifest_json", "photo", "qks_infer", "read_jsonl", "rewrite_manifest", "run_blocked",
            "torch_probs"]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 from qks.runtime.xmp import XmpError, check_available, read_keywords, sidecar_path, write_sidecar
+from runtime_fixtures import as_nobody
 
 pytest.importorskip("pyexiv2", reason="pyexiv2 is not installed (pip install 'qks[library]')")
 if shutil.which("exiftool") is None:
@@ -181,11 +181,11 @@ def test_a_read_only_folder_or_sidecar_is_an_error_and_nothing_is_lost():
         sidecar_path(old).chmod(0o666)  # the sidecar itself is writable; its folder is not
         before = (sidecar_path(old).read_bytes(), qks_view(sidecar_path(old)))
         d.chmod(0o555)
-        got = _as_nobody(lambda: [_error_of(old), _error_of(new)])
+        got = as_nobody(lambda: [_error_of(old), _error_of(new)])
         assert got == ["cannot write sidecar: Permission denied"] * 2
         d.chmod(0o777)  # a writable folder, but the sidecar itself read-only: respected, not replaced
         sidecar_path(old).chmod(0o444)
-        assert _as_nobody(lambda: _error_of(old)) == "existing sidecar is read-only; left as it is"
+        assert as_nobody(lambda: _error_of(old)) == "existing sidecar is read-only; left as it is"
         assert (sidecar_path(old).read_bytes(), qks_view(sidecar_path(old))) == before
         assert sorted(p.name for p in d.iterdir()) == ["new.jpg", "old.jpg", "old.jpg.xmp"]
     finally:
@@ -199,23 +199,6 @@ def _error_of(image: Path) -> str | None:
     except XmpError as e:
         return str(e)
     return None
-
-
-def _as_nobody(fn):
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        try:
-            if os.geteuid() == 0:
-                os.setgid(65534)
-                os.setuid(65534)
-            os.write(w, json.dumps(fn()).encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    os.waitpid(pid, 0)
-    with os.fdopen(r) as f:
-        return json.loads(f.read() or "null")
 
 
 def test_without_pyexiv2_the_error_names_the_fix(image):
