@@ -28,11 +28,7 @@ from pathlib import Path
 
 from PIL import Image
 
-
-def console_script(name: str) -> str:
-    """The console script beside this Python (the venv's), else the one on PATH."""
-    here = Path(sys.executable).parent / name
-    return str(here) if here.exists() else name
+from benchmarks.real_data import console_script
 
 
 def run(*cmd, check: bool = True) -> subprocess.CompletedProcess:

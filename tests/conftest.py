@@ -11,6 +11,7 @@ from runtime_fixtures import (  # noqa: F401 - fixtures
     bundle_copy,
     lite_zero_shot_bundle,
     photo_dir,
+    photo_library,
     runtime_bundle,
 )
 

@@ -80,6 +80,14 @@ def photo_dir(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture
+def photo_library(photo_dir, tmp_path) -> Path:
+    """A writable copy of photo_dir (tests that add, change, delete images or write sidecars)."""
+    lib = tmp_path / "library"
+    shutil.copytree(photo_dir, lib)
+    return lib
+
+
 # Run Python with torch, torchvision and open_clip unimportable (a meta-path finder raises first).
 BLOCK_TORCH = (
     "import sys\n"

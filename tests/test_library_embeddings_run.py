@@ -7,51 +7,43 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
-import pytest
 from PIL import Image
 from qks.runtime.embeddings import load_embeddings
 from runtime_fixtures import *  # noqa: F403
 
 
-def _qks_infer(library, bundle, *args):
-    return qks_infer(library, bundle, "--batch-size", "2", *args)  # noqa: F405
+def _qks_infer(photo_library, bundle, *args):
+    return qks_infer(photo_library, bundle, "--batch-size", "2", *args)  # noqa: F405
 
 
-@pytest.fixture
-def library(photo_dir, tmp_path):
-    lib = tmp_path / "library"
-    shutil.copytree(photo_dir, lib)
-    return lib
-
-
-def test_embeddings_follow_the_records_and_the_graph(runtime_bundle, library, tmp_path):
+def test_embeddings_follow_the_records_and_the_graph(runtime_bundle, photo_library, tmp_path):
     import onnxruntime as ort
     from qks.runtime.bundle import Bundle
 
     out, emb = tmp_path / "tags.jsonl", tmp_path / "emb.npy"
-    res = _qks_infer(library, runtime_bundle, "--out", out, "--embeddings", emb)
+    res = _qks_infer(photo_library, runtime_bundle, "--out", out, "--embeddings", emb)
     assert res.returncode == 1, res.stderr  # the broken image: an error record, and no row
     names, vectors, index = load_embeddings(emb)
     assert names == [r["image"] for r in read_jsonl(out) if "error" not in r]  # noqa: F405
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-4)
-    assert index["root"] == str(library) and index["dim"] == vectors.shape[1]
+    assert index["root"] == str(photo_library) and index["dim"] == vectors.shape[1]
     bundle = Bundle.load(runtime_bundle)
     graph = bundle.graph("image_encoder")
     session = ort.InferenceSession(str(graph.path), providers=["CPUExecutionProvider"])
-    pixels = bundle.preprocess.load(library / names[0])[None]
+    pixels = bundle.preprocess.load(photo_library / names[0])[None]
     (direct,) = session.run(["embedding"], {session.get_inputs()[0].name: pixels})
     assert np.allclose(direct[0], vectors[0], atol=1e-5)
 
 
-def test_update_and_resume_keep_rows_and_equal_a_full_run(runtime_bundle, library, tmp_path):
+def test_update_and_resume_keep_rows_and_equal_a_full_run(runtime_bundle, photo_library, tmp_path):
     out, emb = tmp_path / "tags.jsonl", tmp_path / "emb.npy"
-    assert _qks_infer(library, runtime_bundle, "--out", out, "--embeddings", emb, "--exclude", "sub").returncode == 0
-    Image.new("RGB", (50, 40), (30, 60, 200)).save(library / "blue.png")
-    (library / "rocket.webp").unlink()
-    res = _qks_infer(library, runtime_bundle, "--out", out, "--embeddings", emb, "--exclude", "sub", "--update")
+    assert _qks_infer(photo_library, runtime_bundle, "--out", out, "--embeddings", emb, "--exclude", "sub").returncode == 0
+    Image.new("RGB", (50, 40), (30, 60, 200)).save(photo_library / "blue.png")
+    (photo_library / "rocket.webp").unlink()
+    res = _qks_infer(photo_library, runtime_bundle, "--out", out, "--embeddings", emb, "--exclude", "sub", "--update")
     assert res.returncode == 0 and "1 images tagged (0 errors, 1 unchanged, 1 removed)" in res.stderr, res.stderr
     full_out, full_emb = tmp_path / "full.jsonl", tmp_path / "full.npy"
-    _qks_infer(library, runtime_bundle, "--out", full_out, "--embeddings", full_emb, "--exclude", "sub")
+    _qks_infer(photo_library, runtime_bundle, "--out", full_out, "--embeddings", full_emb, "--exclude", "sub")
     names, vectors, _ = load_embeddings(emb)
     full_names, full_vectors, _ = load_embeddings(full_emb)
     assert names == full_names == ["astronaut.jpg", "blue.png"]
@@ -61,21 +53,18 @@ def test_update_and_resume_keep_rows_and_equal_a_full_run(runtime_bundle, librar
     half.write_text(full_out.read_text().splitlines(keepends=True)[0])
     shutil.copy(tmp_path / "full.json", tmp_path / "half_emb.json")
     shutil.copy(full_emb, tmp_path / "half_emb.npy")
-    res = _qks_infer(library, runtime_bundle, "--out", half, "--embeddings", tmp_path / "half_emb.npy",
+    res = _qks_infer(photo_library, runtime_bundle, "--out", half, "--embeddings", tmp_path / "half_emb.npy",
                      "--exclude", "sub", "--resume")
     assert res.returncode == 0, res.stderr
     assert load_embeddings(tmp_path / "half_emb.npy")[0] == full_names
 
 
-def test_a_bundle_without_the_output_is_refused(runtime_bundle, library, tmp_path):
+def test_a_bundle_without_the_output_is_refused(runtime_bundle, photo_library, tmp_path):
     old = tmp_path / "old_bundle"
     shutil.copytree(runtime_bundle, old)
-    rewrite_manifest(old, lambda m: m.pop("embedding", None))  # noqa: F405
-    from qks.runtime.bundle import Bundle
-
-    if Bundle.load(old).embedding_output is not None:
-        pytest.skip("this bundle names its embedding output elsewhere than manifest['embedding']")
-    res = _qks_infer(library, old, "--out", tmp_path / "t.jsonl", "--embeddings", tmp_path / "e.npy")
+    # as exported before embeddings: the manifest has no embedding record
+    rewrite_manifest(old, lambda m: m.pop("embedding"))  # noqa: F405
+    res = _qks_infer(photo_library, old, "--out", tmp_path / "t.jsonl", "--embeddings", tmp_path / "e.npy")
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "re-export it with qks-export" in res.stderr, \
         res.stderr
     assert not (tmp_path / "t.jsonl").exists()

@@ -32,11 +32,9 @@ def _qks_infer(library, bundle, *args):
 
 
 @pytest.fixture
-def library(photo_dir, tmp_path):
-    lib = tmp_path / "library"
-    shutil.copytree(photo_dir, lib)
-    (lib / "sub" / "broken.jpg").unlink()
-    return lib
+def library(photo_library):
+    (photo_library / "sub" / "broken.jpg").unlink()
+    return photo_library
 
 
 def test_xmp_sidecars_hold_the_records_labels(runtime_bundle, library, tmp_path):
