@@ -18,12 +18,9 @@ thresholds were stored, 2 when the run could not start or finish, 130 when inter
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import click
@@ -35,12 +32,19 @@ from ..engines.base import EngineError
 from .backend import BACKENDS, PRECISIONS, select_backend
 from .bundle import Bundle
 from .cli import _fail, _main, _one_line_warnings
-from .infer import decode_image
-from .labels import LabelBank, LabelError, LabelWarning, _atomic_save, read_label_file, save_bank
-from .manifest import BundleError, file_record, read_manifest, resolve, sha256_file, write_manifest
+from .infer import RecordBuilder, _batches
+from .labels import (
+    LabelBank,
+    LabelError,
+    LabelWarning,
+    _atomic_save,
+    drop_thresholds,
+    read_label_file,
+    save_bank,
+)
+from .manifest import BundleError, file_record, read_manifest, sha256_file, write_manifest
 from .preprocess import PreprocessError
-from .scoring import logits, sigmoid
-from .thresholds import DEFAULT_MIN_POSITIVES, CalibrationError, Target, document, dumps, fit
+from .thresholds import DEFAULT_MIN_POSITIVES, CalibrationError, StaleThresholds, Target, document, dumps, fit
 
 PROG = "qks-calibrate"
 MAX_SHOWN = 5  # problems or labels named in one message before "... and N more"
@@ -85,74 +89,41 @@ def target_matrix(samples: list[Sample], names: list[str]) -> tuple[np.ndarray, 
 
 def score_samples(engine, bank: LabelBank, bundle: Bundle, samples: list[Sample], batch_size: int, workers: int,
                   progress: bool) -> tuple[np.ndarray, list[int], list[str]]:
-    """Probabilities [kept, L] as qks-infer computes them, the kept samples' indices, and one problem a
-    skipped image (undecodable, or a non-finite model output)."""
-    from tqdm import tqdm
-
-    in_name = engine.inputs[0].name
-    outs = [o.name for o in engine.outputs]
-    out_name = "query_features" if "query_features" in outs else outs[0]
-    step = min(batch_size, getattr(engine, "max_batch", None) or batch_size)
-    emb = np.ascontiguousarray(bank.embeddings, dtype=np.float32)
-    mode, k = bundle.scoring
+    """Probabilities [kept, L] as qks-infer computes them (its RecordBuilder, its decode-ahead batches), the
+    kept samples' indices, and one problem a skipped image (undecodable, or a non-finite model output)."""
+    build = RecordBuilder(engine, bank, bundle.scoring)
+    batch_size = min(batch_size, getattr(engine, "max_batch", None) or batch_size)
     probs, kept, problems = [], [], []
-    bar = tqdm(total=len(samples), desc="scoring images", unit="img", file=sys.stderr, disable=not progress)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for start in range(0, len(samples), step):
-            chunk = samples[start:start + step]
-            items = list(pool.map(lambda s: decode_image(None, s.path, bundle.preprocess), chunk))
-            ok = [i for i, (_rel, arr, err) in enumerate(items) if err is None]
-            problems += [f"{chunk[i].image}: {err}" for i, (_rel, _arr, err) in enumerate(items) if err is not None]
-            if ok:
-                qf = engine.run({in_name: np.stack([items[i][1] for i in ok])})[out_name]
-                p = sigmoid(logits(qf, emb, mode, k))
-                finite = np.isfinite(p).all(axis=1) & np.isfinite(qf.reshape(len(ok), -1)).all(axis=1)
-                problems += [f"{chunk[ok[j]].image}: model output is not finite" for j in np.flatnonzero(~finite)]
-                probs.append(p[finite])
-                kept += [start + ok[j] for j in np.flatnonzero(finite)]
-            bar.update(len(chunk))
-    bar.close()
+    start = 0
+    for items in _batches(None, [str(s.path) for s in samples], bundle.preprocess, batch_size, workers, progress):
+        scored, errors = build.probabilities(items)
+        probs += [scored[i] for i in sorted(scored)]
+        kept += [start + i for i in sorted(scored)]
+        problems += [f"{samples[start + i].image}: {err}" for i, err in sorted(errors.items())]
+        start += len(items)
     if not kept:
         raise CalibrationError(f"none of the {len(samples)} images could be scored (first: {problems[0]})")
-    return np.concatenate(probs).astype(np.float32), kept, problems
+    return np.stack(probs).astype(np.float32), kept, problems
 
 
 # -- storing -------------------------------------------------------------------------------------
 
-def drop_stale_thresholds(bundle_dir: Path) -> list[str]:
-    """Remove thresholds fitted for another version of their bank (the one refusal of `Bundle.load` that
-    recalibrating is the fix for), so that qks-calibrate can load the bundle and fit new ones. Only a
-    readable file whose "bank_key" differs from its bank's key is dropped; returns those banks' names."""
-    m = read_manifest(bundle_dir)
-    dropped = []
-    for name, rec in (m.get("label_banks") or {}).items():
-        rel = rec.get("thresholds_file") if isinstance(rec, dict) else None
-        if not isinstance(rel, str):
-            continue
+def load_bundle(bundle_dir: Path, verify: bool, dry_run: bool) -> Bundle:
+    """Bundle.load, after dropping, with a warning, thresholds fitted for another version of their bank (the
+    refusal whose fix is rerunning qks-calibrate); with --dry-run, which changes nothing, that refusal stands."""
+    while True:
         try:
-            doc = json.loads(resolve(bundle_dir, rel).read_text(encoding="utf-8"))
-        except (OSError, ValueError, BundleError):
-            continue
-        if isinstance(doc, dict) and "bank_key" in doc and doc["bank_key"] != rec.get("key"):
-            rec.pop("thresholds_file")
-            m.get("files", {}).pop(rel, None)
-            dropped.append(name)
-    if dropped:
-        write_manifest(bundle_dir, m)
-    return dropped
+            return Bundle.load(bundle_dir, verify=verify)
+        except StaleThresholds as e:
+            if dry_run:
+                raise BundleError(f"{e} (--dry-run changes nothing: run without it to replace them)") from None
+            manifest = read_manifest(bundle_dir)
+            if not drop_thresholds(bundle_dir, manifest, e.bank):
+                raise
+            write_manifest(bundle_dir, manifest)
+            warnings.warn(f"label bank {e.bank!r}: dropped the thresholds fitted for another version of it",
+                          LabelWarning, stacklevel=2)
 
-
-def load_bundle(bundle_dir: Path, verify: bool) -> Bundle:
-    """Bundle.load, after dropping stale thresholds with a warning (the error says: rerun qks-calibrate)."""
-    try:
-        return Bundle.load(bundle_dir, verify=verify)
-    except BundleError as e:
-        if "fitted for another version of the bank" not in str(e):
-            raise
-    for name in drop_stale_thresholds(bundle_dir):
-        warnings.warn(f"label bank {name!r}: dropped the thresholds fitted for another version of it",
-                      LabelWarning, stacklevel=2)
-    return Bundle.load(bundle_dir, verify=verify)
 
 def store(bundle: Bundle, name: str, doc: dict) -> Path:
     """Write labels/NAME.thresholds.json and name it in the bank's manifest record (hashed in "files")."""
@@ -231,7 +202,7 @@ def _calibrate(bundle_dir, data, bank, labels, name, target_text, min_positives,
         if name and not labels:
             raise LabelError("--name goes with --labels (to calibrate a stored bank, pass --bank NAME)")
         samples, bad_lines = read_samples(data, skip_bad)
-        bundle = load_bundle(bundle_dir, not no_verify)
+        bundle = load_bundle(bundle_dir, not no_verify, dry_run)
         if labels:
             label_bank = LabelBank.for_labels(bundle, read_label_file(labels), threads=threads,
                                               progress=not no_progress)

@@ -20,6 +20,7 @@ from .infer import InferError, InferOptions, run_folder
 from .labels import LabelBank, LabelError, read_label_file, save_bank
 from .manifest import BundleError, sha256_file
 from .preprocess import PreprocessError
+from .xmp import NAMINGS
 
 _ERRORS = (BundleError, EngineError, LabelError, InferError, PreprocessError, OSError)
 
@@ -114,7 +115,7 @@ def output_format(fmt: str | None, out: Path | None) -> str:
               "L2-normalised embedding to this .npy (row order in the .json beside it), for qks-similar and qks-dupes.")
 @click.option("--xmp", is_flag=True, help="Write the selected labels into an XMP sidecar beside each image "
               "(dc:subject and lr:hierarchicalSubject; merged with an existing sidecar; the image is never touched).")
-@click.option("--xmp-naming", type=click.Choice(["ext", "base"]), default="ext", show_default=True,
+@click.option("--xmp-naming", type=click.Choice(NAMINGS), default="ext", show_default=True,
               help="Sidecar name: ext = IMG.jpg.xmp (darktable, digiKam), base = IMG.xmp (Lightroom).")
 @click.option("--xmp-root", default="qks|label", show_default=True, help="Root of the hierarchical keywords.")
 @options(OVERWRITE, NO_PROGRESS, NO_VERIFY)

@@ -211,23 +211,30 @@ class RecordBuilder:
                 vectors[i] = np.asarray(vec, dtype=np.float32)
         return records, vectors
 
-    def records(self, items: list[tuple], qf: np.ndarray | None) -> list[dict]:
-        """The records of `items` from the query features of their decoded images (in order; None when
-        none decoded), computed elsewhere: qks-serve runs one engine batch for many requests."""
+    def probabilities(self, items: list[tuple], qf: np.ndarray | None = None
+                      ) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+        """{item index: label probabilities} of the images that decoded and scored finite, and {item index:
+        error} of the others; `qf`: the query features of the decoded images (in order), else computed here."""
         ok = [i for i, (_rel, arr, _err) in enumerate(items) if arr is not None]
-        probs, bad = {}, set()
-        if ok:
-            lg = score_logits(qf, self.embeddings, self.mode, self.k)
-            # inf logits would become probabilities 0/1: test the raw outputs, not the sigmoid
-            finite = np.isfinite(qf.reshape(len(ok), -1)).all(axis=1) & np.isfinite(lg).all(axis=1)
-            probs = dict(zip(ok, sigmoid(lg), strict=True))
-            bad = {ok[j] for j in np.flatnonzero(~finite)}
+        errors = {i: err for i, (_rel, arr, err) in enumerate(items) if arr is None}
+        if not ok:
+            return {}, errors
+        if qf is None:
+            qf = self._run(np.stack([items[i][1] for i in ok]))[self.out_name]
+        lg = score_logits(qf, self.embeddings, self.mode, self.k)
+        # inf logits would become probabilities 0/1: test the raw outputs, not the sigmoid
+        finite = np.isfinite(qf.reshape(len(ok), -1)).all(axis=1) & np.isfinite(lg).all(axis=1)
+        errors.update((ok[j], "model output is not finite (NaN or inf)") for j in np.flatnonzero(~finite))
+        return {i: p for i, p, f in zip(ok, sigmoid(lg), finite, strict=True) if f}, errors
+
+    def records(self, items: list[tuple], qf: np.ndarray | None) -> list[dict]:
+        """The records of `items` from the query features of their decoded images (in order), computed
+        elsewhere (qks-serve runs one engine batch for many requests), or here when None."""
+        probs, errors = self.probabilities(items, qf)
         records = []
-        for i, (rel, _arr, err) in enumerate(items):
-            if err is None and i in bad:
-                err = "model output is not finite (NaN or inf)"
-            if err is not None:
-                records.append({"image": rel, "error": err})
+        for i, (rel, _arr, _err) in enumerate(items):
+            if i in errors:
+                records.append({"image": rel, "error": errors[i]})
             elif self.all_scores:
                 scores = {n: _fmt(v) for n, v in zip(self.names, probs[i].tolist(), strict=True)}
                 records.append({"image": rel, "scores": scores})
@@ -347,8 +354,11 @@ def _check_options(opts: InferOptions, out: Path | None) -> None:
         raise InferError("give --resume or --update, not both")
     if opts.xmp is not None and opts.all_scores:
         raise InferError("--xmp writes the selected labels as keywords; it cannot be combined with --all-scores")
-    if opts.xmp not in (None, "ext", "base"):
-        raise InferError(f"unknown XMP sidecar naming {opts.xmp!r} (ext or base)")
+    if opts.xmp is not None:
+        from .xmp import NAMINGS
+
+        if opts.xmp not in NAMINGS:
+            raise InferError(f"unknown XMP sidecar naming {opts.xmp!r} ({' or '.join(NAMINGS)})")
 
 
 def _same_settings(out: Path, meta_path: Path, settings: dict, strict: bool) -> None:
@@ -435,8 +445,12 @@ class _XmpSink:
     labels stay in the record)."""
 
     def __init__(self, root: Path, opts: InferOptions, meta: dict):
-        from .xmp import XmpError, write_sidecar
+        from .xmp import XmpError, check_available, write_sidecar
 
+        try:  # without pyexiv2 the run stops before the first image, not with an error in every record
+            check_available()
+        except XmpError as e:
+            raise InferError(str(e)) from None
         self.write, self.error = write_sidecar, XmpError
         self.root, self.naming, self.hierarchy = root, opts.xmp, opts.xmp_root
         self.model, self.bundle_sha256 = str(meta.get("model") or ""), str(meta.get("bundle_sha256") or "")

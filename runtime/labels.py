@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import LABEL_GRAPH, Bundle, load_npy, read_names
-from .manifest import BundleError, bank_key, file_record, write_manifest
+from .manifest import BundleError, bank_key, file_record, resolve, write_manifest
 
 BANK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}")
 
@@ -313,6 +313,17 @@ def save_bank(bundle: Bundle, name: str, bank: LabelBank) -> Path:
     return bundle.root / rel_npy
 
 
+def drop_thresholds(root: Path, manifest: dict, name: str) -> bool:
+    """Remove bank `name`'s thresholds from `manifest` (its record's entry and the hashed file) and the
+    file itself; whether it had any. The caller writes the manifest."""
+    rel = (manifest.get("label_banks", {}).get(name) or {}).pop("thresholds_file", None)
+    if rel is None:
+        return False
+    manifest.get("files", {}).pop(rel, None)
+    resolve(root, rel).unlink(missing_ok=True)
+    return True
+
+
 def _kept_thresholds(bundle: Bundle, old: dict | None, key: str, name: str) -> dict:
     """A replaced bank keeps its thresholds (qks-calibrate) only if its key is the same: new labels or a
     new label encoder make them stale, so they are dropped (file and manifest entry) with a warning."""
@@ -321,8 +332,7 @@ def _kept_thresholds(bundle: Bundle, old: dict | None, key: str, name: str) -> d
         return {}
     if old.get("key") == key:
         return {"thresholds_file": rel}
-    bundle.manifest.get("files", {}).pop(rel, None)
-    Path(bundle.file(rel)).unlink(missing_ok=True)
+    drop_thresholds(bundle.root, bundle.manifest, name)
     warnings.warn(f"label bank {name!r} changed: its per-label thresholds were fitted for the old bank and are "
                   "dropped; rerun qks-calibrate", LabelWarning, stacklevel=3)
     return {}

@@ -174,6 +174,14 @@ def dumps(doc: dict) -> bytes:
     return (json.dumps(doc, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
 
 
+class StaleThresholds(BundleError):
+    """Thresholds fitted for another version of their bank (the refusal qks-calibrate's rerun fixes)."""
+
+    def __init__(self, message: str, bank: str):
+        super().__init__(message)
+        self.bank = bank
+
+
 def read_thresholds(path: Path, bank: str, labels: int, key: str | None) -> np.ndarray:
     """The float32 [labels] thresholds of a bank's thresholds file; BundleError (one line) if it is not
     a valid file for this bank (format, count, values in [0, 1], the bank key it was fitted for)."""
@@ -191,6 +199,6 @@ def read_thresholds(path: Path, bank: str, labels: int, key: str | None) -> np.n
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1 for v in values):
         raise BundleError(f"{what}: every threshold must be a number in [0, 1]")
     if doc.get("bank_key") != key:
-        raise BundleError(f"{what}: fitted for another version of the bank (its labels or label encoder changed): "
-                          "rerun qks-calibrate")
+        raise StaleThresholds(f"{what}: fitted for another version of the bank (its labels or label encoder "
+                              "changed): rerun qks-calibrate", bank)
     return np.asarray(values, dtype=np.float32)

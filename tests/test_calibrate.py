@@ -193,6 +193,12 @@ def test_calibrate_stores_thresholds_with_the_bank(bundle_copy, labelled):
     rewrite_manifest(bundle_copy, lambda m: m["files"].__setitem__(rel, file_record(bundle_copy, rel)))
     with pytest.raises(BundleError, match="fitted for another version of the bank"):
         Bundle.load(bundle_copy)
+    # ... --dry-run changes nothing, not even those: it says so and stops
+    manifest_before = (bundle_copy / "manifest.json").read_bytes()
+    rc, err = calibrate("--bundle", bundle_copy, "--data", labelled / "sample.jsonl", "--dry-run", "--no-progress",
+                        "--backend", "ort-cpu", "--threads", "1")
+    assert rc == 2 and "fitted for another version of the bank" in err and "--dry-run changes nothing" in err, err
+    assert (bundle_copy / "manifest.json").read_bytes() == manifest_before and (bundle_copy / rel).is_file()
     # ... and rerunning qks-calibrate, as the error says, drops them (with a warning) and fits new ones
     rc, err = calibrate("--bundle", bundle_copy, "--data", labelled / "sample.jsonl", "--min-positives", "2",
                         "--no-progress", "--backend", "ort-cpu", "--threads", "1")

@@ -19,9 +19,6 @@ from runtime_fixtures import read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 cpp_only = pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")
-# RecordBuilder (runtime/infer.py, the lead's) applies the rule through scoring.thresholds_for
-wired = pytest.mark.skipif("thresholds_for" not in (ROOT / "runtime" / "infer.py").read_text(encoding="utf-8"),
-                           reason="RecordBuilder does not apply per-label thresholds yet (scoring.thresholds_for)")
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +136,6 @@ def test_calibrated_bank_in_python(calibrated):
     assert LabelBank.for_labels(Bundle.load(bundle), names[:2]).thresholds is None
 
 
-@wired
 @cpp_only
 @pytest.mark.parametrize("options", [[], ["--top-k", "2"], ["--threshold", "0.3"]])
 def test_qks_infer_and_qks_tag_agree(calibrated, photo_dir, tmp_path, options):
@@ -155,7 +151,6 @@ def test_qks_infer_and_qks_tag_agree(calibrated, photo_dir, tmp_path, options):
     assert {k: v for k, v in label_lists(tmp_path / "py.jsonl").items() if k in cpp_lists} == cpp_lists
 
 
-@wired
 def test_ray_tagger_records_use_the_stored_thresholds(calibrated, photo_dir):
     pytest.importorskip("ray")
     from qks.runtime.ray_tagger import QksTagger
@@ -263,7 +258,6 @@ def test_bad_thresholds_are_refused_in_the_same_words(calibrated, photo_dir, tmp
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1] == f"qks-tag: error: {e.value}"
 
 
-@wired
 def test_qks_serve_records_use_the_stored_thresholds(calibrated, photo_dir):
     """qks-serve's Service (RecordBuilder.records, the bundle's banks): the same selections."""
     import asyncio
