@@ -20,8 +20,8 @@ naming its format and the fix (`pip install 'qks[library]'`), found from its `ft
 from __future__ import annotations
 
 import errno
+import functools
 import os
-import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,24 +124,17 @@ class Preprocess:
 HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1",
                          b"mif2", b"msf1"})
 AVIF_BRANDS = frozenset({b"avif", b"avis"})
-_plugins = {"done": False, "heif": False}
-_plugins_lock = threading.Lock()
 
 
+@functools.cache
 def register_plugins() -> None:
-    """Register pillow-heif's HEIF opener with Pillow, once per process (a no-op without pillow-heif)."""
-    if _plugins["done"]:
+    """Register pillow-heif's HEIF opener with Pillow, once per process (a no-op without pillow-heif;
+    registering twice, should two threads race here, is harmless)."""
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
         return
-    with _plugins_lock:
-        if not _plugins["done"]:
-            try:
-                from pillow_heif import register_heif_opener
-            except ImportError:
-                pass
-            else:
-                register_heif_opener()
-                _plugins["heif"] = True
-            _plugins["done"] = True
+    register_heif_opener()
 
 
 def isobmff_format(head: bytes) -> str | None:
@@ -158,7 +151,7 @@ def isobmff_format(head: bytes) -> str | None:
 def _heif_reason(source) -> str | None:
     """Why Pillow could not identify a HEIC/AVIF file (a missing plugin, or damage), None for others."""
     fmt = isobmff_format(_head(source))
-    if fmt == "HEIC" and not _plugins["heif"]:
+    if fmt == "HEIC" and "HEIF" not in Image.OPEN:
         return "HEIC image: HEIC/HEIF decoding needs pillow-heif (pip install 'qks[library]')"
     if fmt == "AVIF":
         from PIL import features

@@ -137,7 +137,8 @@ def test_a_damaged_heic_is_a_one_line_error(pp, tmp_path):
     (tmp_path / "cut.heic").write_bytes(data[: len(data) // 2])
     with pytest.raises(PreprocessError) as e:
         pp.load(tmp_path / "cut.heic")
-    assert "\n" not in str(e.value) and str(e.value).startswith(("cannot decode image: ", "not a readable image"))
+    # libheif's own reason (a cut file is still identified as HEIC), never "unidentified format"
+    assert "\n" not in str(e.value) and str(e.value).startswith("cannot decode image: "), str(e.value)
 
 
 def test_damaged_files_raise_only_preprocess_errors(pp):

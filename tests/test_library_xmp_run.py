@@ -90,3 +90,21 @@ def test_a_file_name_that_is_not_utf8_gets_its_sidecar(runtime_bundle, library, 
     assert res.returncode == 0, res.stderr
     assert os.path.isfile(raw + b".xmp")
     assert any(r["image"] == "caf\\xe9.jpg" for r in read_jsonl(tmp_path / "tags.jsonl"))  # noqa: F405
+
+
+def test_without_pyexiv2_xmp_stops_before_the_first_image(runtime_bundle, library, tmp_path):
+    import sys
+
+    code = ("import sys\n"
+            "class B:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'pyexiv2': raise ImportError('blocked')\n"
+            "sys.meta_path.insert(0, B())\n"
+            "from qks.runtime.cli import infer_main\n"
+            f"infer_main([{str(library)!r}, '--bundle', {str(runtime_bundle)!r}, '--backend', 'ort-cpu', "
+            f"'--no-progress', '--out', {str(tmp_path / 'tags.jsonl')!r}, '--xmp'])\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().endswith(
+        "qks-infer: error: XMP sidecars need pyexiv2: pip install 'qks[library]'"), r.stderr
+    assert not (tmp_path / "tags.jsonl").exists() or not (tmp_path / "tags.jsonl").read_text()
+    assert not list(library.rglob("*.xmp"))
