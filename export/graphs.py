@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ExportError, one_line, write_checked_onnx
+from .verify import EMBEDDING_OUTPUT
 
 DEFAULT_OPSET = 18  # the dynamo exporter's native opset; >= 17 gives LayerNormalization as one op
 MIN_OPSET = 17
@@ -33,7 +34,6 @@ TRACE_BATCH = 2
 ONNX_PROTO_LIMIT = 2 * 1024**3  # protobuf's hard limit on one serialised message
 
 
-EMBEDDING_OUTPUT = "embedding"
 
 
 def image_embedding(backbone, tokens: torch.Tensor) -> torch.Tensor:

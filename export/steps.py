@@ -327,14 +327,11 @@ def _verify_text_embedding(job: ExportJob, ids: torch.Tensor, text_features: np.
     E = int(job.source.backbone.embed_dim)
     with torch.no_grad():
         ref = F.normalize(job.source.backbone.encode_text(ids), dim=-1).numpy()
+    from qks.runtime.embeddings import text_embedding
+
     m = V.compare(text_embedding(text_features, E), ref)
     V.check_fp32("label_encoder", "text embedding (normalised text_features[:, :E])", kind, m)
     return {**m, "samples": len(ids)}
-
-
-def text_embedding(text_features: np.ndarray, dim: int) -> np.ndarray:
-    t = text_features[:, :dim].astype(np.float64)
-    return (t / np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
 def _embedding_record(job: ExportJob) -> dict:

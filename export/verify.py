@@ -21,7 +21,7 @@ from .errors import ExportError
 FP32_REL_TOL = 1e-4  # max abs error <= 1e-4 x the output's scale
 FP16_COSINE_MIN = 0.999  # query-feature cosine, every image
 FP16_TOP5_MIN = 0.99  # top-5 label agreement with the fp32 graph
-EMBEDDING_OUTPUT = "embedding"  # the image graphs' second output (qks.export.graphs)
+EMBEDDING_OUTPUT = "embedding"  # the image graphs' second output (export/graphs.py), named in the manifest
 TOPK = 5
 
 

@@ -19,7 +19,6 @@ from .thresholds import read_thresholds
 
 IMAGE_GRAPHS = ("image_encoder", "image_encoder_fp16")
 LABEL_GRAPH = "label_encoder"
-EMBEDDING_OUTPUT = "embedding"  # the image graphs' optional second output (manifest "embedding")
 
 
 @dataclass(frozen=True)

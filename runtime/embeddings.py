@@ -52,6 +52,16 @@ def embeddings_meta(bundle, root: str | Path | None = None) -> dict:
     return meta
 
 
+def text_embedding(text_features: np.ndarray, dims: int, normalize: bool = True) -> np.ndarray:
+    """[N, dims] float32: texts' embeddings in the image embedding's space from the label graph's
+    text_features [N, F] (the manifest's rule: the first `dims` values, L2-normalised). The one copy of
+    the rule: qks-export verifies it against the backbone and qks-similar applies it."""
+    t = np.asarray(text_features)[:, :dims].astype(np.float64)
+    if normalize:
+        t = t / np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-12)
+    return t.astype(np.float32)
+
+
 def check_vectors(vectors, count: int | None = None, what: str = "embeddings") -> np.ndarray:
     """float32 [N, D], finite, rows of unit length; EmbeddingsError otherwise."""
     try:
@@ -64,7 +74,7 @@ def check_vectors(vectors, count: int | None = None, what: str = "embeddings") -
         raise EmbeddingsError(f"{what}: {arr.shape[0]} vectors for {count} image names")
     if not np.isfinite(arr).all():
         raise EmbeddingsError(f"{what}: holds NaN or infinite values")
-    norms = np.linalg.norm(arr.astype(np.float64), axis=1)
+    norms = np.sqrt(np.einsum("ij,ij->i", arr, arr))  # float32 is ample for the tolerance; no copy
     bad = np.flatnonzero(np.abs(norms - 1.0) > NORM_TOLERANCE)
     if len(bad):
         raise EmbeddingsError(f"{what}: row {int(bad[0])} has norm {norms[bad[0]]:.4g}, not 1 (not L2-normalised)")

@@ -22,7 +22,7 @@ from ..engines.base import EngineError
 from .backend import BACKENDS as ENGINE_BACKENDS
 from .bundle import Bundle
 from .cli import _fail
-from .embeddings import EmbeddingsError, embeddings_meta, load_embeddings
+from .embeddings import EmbeddingsError, embeddings_meta, load_embeddings, text_embedding
 from .manifest import BundleError
 from .preprocess import PreprocessError
 from .vectors import BACKENDS, VectorError, connected_groups, open_index
@@ -78,11 +78,11 @@ def embed_text(bundle: Bundle, text: str) -> np.ndarray:
         feeds = {"token_ids": ids}
         if "attention_mask" in {i.name for i in engine.inputs}:
             feeds["attention_mask"] = mask
-        t = engine.run(feeds)[engine.outputs[0].name][0, :dims].astype(np.float64)
-    n = np.linalg.norm(t)
-    if not np.isfinite(t).all() or n == 0:
+        features = engine.run(feeds)[engine.outputs[0].name]
+    head = features[0, :dims]
+    if not np.isfinite(head).all() or not head.any():
         raise EngineError("the label graph gave a zero or non-finite text embedding")
-    return (t / n if normalize else t).astype(np.float32)
+    return text_embedding(features[:1], dims, normalize)[0]
 
 
 def _query_vector(names, vectors, index, query, text, bundle_dir, backend) -> tuple[np.ndarray, str, int | None]:

@@ -50,11 +50,11 @@ class NumpyIndex:
         """Every pair i < j with cosine >= threshold (`k` is ignored: exact)."""
         out = []
         for s in range(0, len(self.x), BLOCK):
-            sims = self.x[s:s + BLOCK] @ self.x.T
+            sims = self.x[s:s + BLOCK] @ self.x[s:].T  # columns from s on: the pairs j > i of these rows
             rows, cols = np.nonzero(sims >= threshold)
-            keep = cols > rows + s  # each pair once, no self-pairs
-            out.extend(zip((rows[keep] + s).tolist(), cols[keep].tolist(), sims[rows[keep], cols[keep]].tolist(),
-                           strict=True))
+            keep = cols > rows  # each pair once, no self-pairs
+            r, c = rows[keep], cols[keep]
+            out.extend(zip((r + s).tolist(), (c + s).tolist(), sims[r, c].tolist(), strict=True))
         return out
 
 

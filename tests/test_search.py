@@ -135,6 +135,23 @@ def test_bad_input_is_one_line(library, runtime_bundle, tmp_path):
         assert err.count("\n") == 1 and match in err and "Traceback" not in err, (args, err)
 
 
+def test_numpy_pairs_span_blocks(monkeypatch):
+    """The exact all-pairs search works block by block: pairs inside a block, across blocks and in the last
+    (partial) block all come back, each once, with their cosines."""
+    from qks.runtime import vectors
+
+    monkeypatch.setattr(vectors, "BLOCK", 4)
+    x = np.random.default_rng(1).standard_normal((11, 32)).astype(np.float32)
+    for i, j in ((1, 2), (3, 9), (9, 10)):  # within block 0, across blocks 0 and 2, within the last block
+        x[j] = x[i] + 0.01 * np.random.default_rng(j).standard_normal(32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    sims = x @ x.T
+    want = [(i, j) for i in range(11) for j in range(i + 1, 11) if sims[i, j] >= 0.9]
+    got = vectors.NumpyIndex(x).pairs_above(0.9)
+    assert [(i, j) for i, j, _c in got] == want and len(want) >= 3
+    assert [c for _i, _j, c in got] == pytest.approx([float(sims[i, j]) for i, j in want], abs=1e-6)
+
+
 def test_vector_backends_agree(tmp_path):
     pytest.importorskip("faiss", reason="faiss-cpu is not installed (pip install 'qks[library]')")
     from qks.runtime.vectors import FaissIndex, NumpyIndex, connected_groups
