@@ -356,12 +356,14 @@ def test_access_log_is_json_and_never_holds_keys(server):
 
 def test_schemathesis_finds_no_server_error_and_no_schema_violation(server, tmp_path):
     """Property-based requests from the service's own OpenAPI schema (positive and negative), with the
-    admin key: no 5xx, every status documented, every body and content type as the schema says."""
+    admin key: no 5xx, every status documented, every body and content type as the schema says. One worker:
+    with two, hypothesis described lambdas through ast.parse in two threads at once and CPython 3.11's parser
+    failed inside schemathesis ("AST constructor recursion depth mismatch", a clean-clone run)."""
     exe = Path(sys.executable).with_name("schemathesis")
     checks = ("not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,"
               "response_headers_conformance")
     r = subprocess.run([str(exe), "run", server.url + "/openapi.json", "--checks", checks, "--max-examples", "60",
-                        "--phases", "examples,coverage,fuzzing", "--seed", "1", "--workers", "2", "--no-color",
+                        "--phases", "examples,coverage,fuzzing", "--seed", "1", "--workers", "1", "--no-color",
                         "--generation-database", "none", "-H", f"X-API-Key: {ADMIN_KEY}", "--request-timeout", "60",
                         "--suppress-health-check", "all"],
                        capture_output=True, text=True, timeout=900, cwd=tmp_path)
